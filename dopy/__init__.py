@@ -1,0 +1,18 @@
+"""DOPY, Distributed Objects for Python: call objects in another process as if they were here."""
+
+from . import tb, tcp
+from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
+                     ConnectionLostError, DopyError, MessageTooLargeError,
+                     NoSuchMethodError, NoSuchObjectError, ProtocolError, RemoteError,
+                     SerializationError)
+from .hub import Hub, getHub, init
+from .proxy import RemoteObject, close
+
+__version__ = '1.0.0'
+
+__all__ = [
+    'Hub', 'getHub', 'init', 'RemoteObject', 'close', 'tb', 'tcp',
+    'DopyError', 'CommunicationError', 'ConnectionClosedError', 'ConnectionLostError',
+    'CallTimeoutError', 'ProtocolError', 'MessageTooLargeError', 'SerializationError',
+    'NoSuchObjectError', 'NoSuchMethodError', 'RemoteError',
+]

@@ -1,0 +1,167 @@
+"""The ``dopyserver`` and ``dopyclient`` programs, as functions that return an exit status."""
+
+import argparse
+import sys
+
+from . import tcp
+from .errors import CommunicationError, DopyError
+from .hub import getHub
+
+__all__ = ['TestObject', 'server_main', 'client_main', 'TEST_OBJECT_NAME']
+
+TEST_OBJECT_NAME = 'test'
+
+
+class TestObject:
+    """What ``dopyserver`` publishes as ``test``: the methods ``dopyclient`` checks."""
+
+    def echo(self, value):
+        """Return ``value`` as it came."""
+        return value
+
+    def add(self, a, b=0):
+        """Return ``a + b``."""
+        return a + b
+
+    def describe(self, *args, **kwargs):
+        """Return the positional and keyword arguments as received."""
+        return args, kwargs
+
+    def fail(self, message):
+        """Raise ``ValueError(message)``."""
+        raise ValueError(message)
+
+
+def server_main(argv=None):
+    """Run ``dopyserver``: publish a TestObject and serve it with a console."""
+    parser = argparse.ArgumentParser(
+        prog='dopyserver',
+        description='Serve a DOPY test object (named "test") over TCP. While it serves, '
+                    'each line typed on standard input runs as Python, with "hub" and '
+                    '"dopy" at hand; end of input or Ctrl-C stops the server.')
+    parser.add_argument('--host', default=tcp.DEFAULT_HOST,
+                        help='address to listen on (default %(default)s: this machine only; '
+                             '"" for every interface). Anyone who can reach the port can '
+                             'run code in this process.')
+    parser.add_argument('--port', type=int, default=tcp.DEFAULT_PORT,
+                        help='TCP port (default %(default)s; 0 picks a free one)')
+    args = parser.parse_args(argv)
+    hub = getHub()
+    test = TestObject()
+    hub.addObject(TEST_OBJECT_NAME, test)
+    try:
+        server = tcp.makeServer(args.port, host=args.host)
+    except (CommunicationError, ValueError) as exc:
+        print(f'dopyserver: {exc}', file=sys.stderr)
+        return 1
+    print(f'dopyserver: serving "{TEST_OBJECT_NAME}" on {server.address}', file=sys.stderr, flush=True)
+    if sys.flags.interactive:
+        # python -i dopyserver: Python's own prompt is the console, and the
+        # server goes on serving from its threads until the interpreter exits.
+        return 0
+    try:
+        hub.mainloop(namespace={'server': server, 'test': test})
+    finally:
+        hub.shutdown()
+    return 0
+
+
+def client_main(argv=None):
+    """Run ``dopyclient``: the smoke test against a dopyserver."""
+    parser = argparse.ArgumentParser(
+        prog='dopyclient',
+        description='Check a running dopyserver: basic calls, keyword arguments and exceptions.')
+    parser.add_argument('address', nargs='?', default='localhost',
+                        help='HOST or HOST:PORT of the server ([v6]:PORT for IPv6; '
+                             f'default localhost:{tcp.DEFAULT_PORT})')
+    parser.add_argument('--timeout', type=float, default=10.0,
+                        help='seconds to wait for connecting and for each call (default %(default)s)')
+    args = parser.parse_args(argv)
+    try:
+        host, port = _split_address(args.address)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f'connecting to {_join_address(host, port)}...', flush=True)
+    try:
+        proxy = tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout)
+    except CommunicationError as exc:
+        print(f'dopyclient: {exc}', file=sys.stderr)
+        return 2
+    with proxy:
+        for title, test in _TESTS:
+            try:
+                problem = test(proxy)
+            except DopyError as exc:
+                problem = f'{type(exc).__name__}: {exc}'
+            if problem:
+                print(f'test of {title} FAILED: {problem}', file=sys.stderr)
+                return 1
+            print(f'test of {title} ok', flush=True)
+    return 0
+
+
+def _test_basic(proxy):
+    if proxy.echo('hello') != 'hello':
+        return 'echo("hello") did not return "hello"'
+    if proxy.add(2, 3) != 5:
+        return 'add(2, 3) did not return 5'
+    return None
+
+
+def _test_keywords(proxy):
+    if proxy.add(a=40, b=2) != 42:
+        return 'add(a=40, b=2) did not return 42'
+    got = proxy.describe(1, 'two', three=3)
+    if got != ((1, 'two'), {'three': 3}):
+        return f'describe(1, "two", three=3) returned {got!r}'
+    return None
+
+
+def _test_exceptions(proxy):
+    try:
+        proxy.fail('expected failure')
+    except ValueError as exc:
+        if str(exc) != 'expected failure':
+            return f'fail() raised ValueError({str(exc)!r}), not the message sent'
+        frames = getattr(exc, 'dopy_traceback', None)
+        if not frames or frames[-1].name != 'fail':
+            return 'the ValueError carried no server-side traceback'
+        return None
+    return 'fail() did not raise ValueError'
+
+
+_TESTS = [
+    ('basic method invocation', _test_basic),
+    ('keyword parms', _test_keywords),
+    ('exceptions', _test_exceptions),
+]
+
+
+def _split_address(text):
+    if text.startswith('['):
+        host, _, rest = text[1:].partition(']')
+        port = rest[1:] if rest.startswith(':') else ''
+        if rest and not rest.startswith(':'):
+            raise ValueError(f'bad address {text!r}: expected [HOST]:PORT')
+    elif text.count(':') == 1:
+        host, port = text.split(':')
+    else:
+        host, port = text, ''
+    if not host:
+        raise ValueError(f'bad address {text!r}: no host')
+    if not port:
+        return host, tcp.DEFAULT_PORT
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f'bad port {port!r} in {text!r}')
+    return host, int(port)
+
+
+def _join_address(host, port):
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
+def run(main):
+    """Exit with ``main()``'s status; under ``python -i``, return to the prompt instead."""
+    status = main()
+    if not sys.flags.interactive:
+        sys.exit(status)

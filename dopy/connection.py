@@ -1,0 +1,397 @@
+"""One peer connection: calls sent and replies matched by id, calls received and served.
+
+Both ends of a link are a ``Connection``; a server's and a client's differ
+only in who reads.  A server runs ``serve()`` in the connection's own thread.
+A client has no thread of its own: a thread waiting for a reply takes the
+*reader* role and reads the socket itself, handing replies meant for other
+threads to them (they wait on a condition) and serving any call that
+arrives meanwhile.  When its own reply is in, it gives the role up to one of
+the others.  A call made while serving a call on the same connection reads
+in the same thread, so nested calls do not deadlock.
+
+The socket is non-blocking; every wait is a ``poll`` bounded by the call's
+deadline (``time.monotonic()``; None means no limit).  Several threads may
+call at once: sends are serialised by a lock, and each call's reply is
+found by its request id, so a late reply never answers a later call.
+
+This is the only module that translates ``OSError`` into DOPY's errors.
+"""
+
+import itertools
+import logging
+import math
+import select
+import socket
+import threading
+import time
+
+from . import dispatch, remote_exc, wire
+from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
+                     ConnectionLostError, ProtocolError, SerializationError)
+
+__all__ = ['Connection', 'translate_os_error']
+
+log = logging.getLogger('dopy.connection')
+
+# sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
+_MAX_SEGMENTS = 512
+
+
+def translate_os_error(exc, what):
+    """The DOPY error for an ``OSError`` met while doing ``what``, chained to it."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        error = CallTimeoutError(f'{what}: timed out')
+    elif isinstance(exc, socket.gaierror):
+        error = CommunicationError(f'{what}: {exc.strerror or exc}')
+    elif isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        error = ConnectionLostError(f'{what}: {exc.strerror or exc}')
+    else:
+        error = CommunicationError(f'{what}: {exc.strerror or exc}')
+    error.__cause__ = exc
+    return error
+
+
+class _Waiter:
+    """The slot a call's reply (or the error that ended the connection) lands in."""
+
+    __slots__ = ('frame', 'error')
+
+    def __init__(self):
+        self.frame = None
+        self.error = None
+
+    @property
+    def done(self):
+        return self.frame is not None or self.error is not None
+
+
+class Connection:
+    """One end of a link to a peer, over a connected stream socket.
+
+    ``hub`` supplies the objects that incoming calls are served from and
+    the size limit for incoming frames; ``peer`` names the other end in
+    messages.
+    """
+
+    def __init__(self, sock, hub, peer):
+        sock.setblocking(False)
+        self.peer = peer
+        self._sock = sock
+        self._lookup = hub.getObject
+        self._decoder = wire.Decoder(hub.max_message_size)
+        self._send_lock = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = {}
+        self._ids = itertools.count(1)
+        self._reader = None
+        self._closed = False
+        self._retired = False
+        self._error = None
+        fd = sock.fileno()
+        self._read_poll = select.poll()
+        self._read_poll.register(fd, select.POLLIN)
+        self._write_poll = select.poll()
+        self._write_poll.register(fd, select.POLLOUT)
+
+    def __repr__(self):
+        state = 'closed' if self._closed else f'{len(self._waiters)} calls in flight'
+        return f'<dopy Connection with {self.peer}, {state}>'
+
+    @property
+    def closed(self):
+        """True once the connection is closed, by either side."""
+        return self._closed
+
+    @property
+    def retired(self):
+        """True once ``retire`` was called: it is not to be given new calls."""
+        return self._retired
+
+    def call(self, name, method, args, kwargs, timeout=None):
+        """Call ``method`` of the peer's object ``name`` and return its result.
+
+        Raises the remote exception, rebuilt (see ``dopy.remote_exc``), or a
+        ``CommunicationError``.  The call is sent at most once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            data, buffers = wire.dumps((name, method, args, kwargs))
+        except Exception as exc:
+            raise SerializationError(
+                f'the arguments of {name}.{method}() could not be pickled on the client: '
+                f'{type(exc).__name__}: {exc}') from exc
+        request_id = next(self._ids)
+        segments = wire.frame_segments(wire.CALL, request_id, data, buffers)
+        waiter = _Waiter()
+        with self._cond:
+            if self._closed:
+                raise _fresh(self._error)
+            self._waiters[request_id] = waiter
+        try:
+            self._send(segments, deadline)
+            self._wait_for(waiter, deadline)
+        except CallTimeoutError:
+            with self._cond:
+                self._waiters.pop(request_id, None)
+            if not waiter.done:
+                raise CallTimeoutError(
+                    f'no reply to {name}.{method}() from {self.peer} within {timeout} s; '
+                    'the call was not re-sent, and it may or may not have run') from None
+        except CommunicationError:
+            if waiter.error is None:
+                raise
+        finally:
+            if self._retired and not self._waiters:
+                self.close()
+        return self._outcome(waiter, name, method)
+
+    def serve(self):
+        """Serve the peer's calls in this thread until the peer leaves or ``close()``."""
+        with self._cond:
+            if self._reader is not None:
+                raise RuntimeError(f'{self!r} is already being read')
+            self._reader = threading.get_ident()
+        try:
+            while True:
+                self._handle(self._read_frame(None))
+        except ConnectionClosedError:
+            log.debug('connection with %s closed', self.peer)
+        except ProtocolError as exc:
+            log.warning('closing connection with %s: %s', self.peer, exc)
+        except ConnectionLostError as exc:
+            if exc.__cause__ is None and not self._decoder.pending:
+                log.debug('%s closed the connection', self.peer)
+            else:
+                log.info('connection with %s ended: %s', self.peer, exc)
+        except CommunicationError as exc:
+            log.info('connection with %s ended: %s', self.peer, exc)
+        except Exception:
+            log.exception('closing connection with %s after an internal error', self.peer)
+            self._shutdown(ConnectionClosedError(f'connection with {self.peer} closed after an internal error'))
+        finally:
+            with self._cond:
+                self._reader = None
+                self._cond.notify_all()
+            if self._closed:
+                self._close_socket()
+
+    def check_alive(self):
+        """False if closed, or idle and found hung up by the peer (without sending)."""
+        if self._closed:
+            return False
+        if self._reader is not None or self._waiters:
+            return True
+        try:
+            if self._sock.recv(1, socket.MSG_PEEK):
+                return True
+            self._lost(None)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self._lost(exc)
+        return False
+
+    def retire(self):
+        """Take no new calls from the owner; close once the calls in flight end."""
+        with self._cond:
+            self._retired = True
+            idle = not self._waiters
+        if idle:
+            self.close()
+
+    def close(self):
+        """Close the connection; calls waiting on it get ``ConnectionClosedError``. Idempotent."""
+        self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
+
+    def _outcome(self, waiter, name, method):
+        if waiter.error is not None:
+            raise _fresh(waiter.error)
+        frame = waiter.frame
+        what = 'result' if frame.kind == wire.REPLY else 'exception'
+        try:
+            value = wire.loads(frame.data, frame.buffers)
+        except Exception as exc:
+            raise SerializationError(
+                f'the {what} of {name}.{method}() could not be unpickled on the client: '
+                f'{type(exc).__name__}: {exc}') from exc
+        if frame.kind == wire.REPLY:
+            return value
+        try:
+            exc = remote_exc.unpack(value)
+        except (TypeError, ValueError) as bad:
+            raise ProtocolError(f'malformed exception in the reply to {name}.{method}()') from bad
+        raise exc
+
+    def _wait_for(self, waiter, deadline):
+        me = threading.get_ident()
+        with self._cond:
+            while not waiter.done:
+                if self._reader is None:
+                    self._reader = me
+                    nested = False
+                    break
+                if self._reader == me:
+                    nested = True
+                    break
+                self._cond.wait(_remaining(deadline))
+            else:
+                return
+        try:
+            while not waiter.done:
+                self._handle(self._read_frame(deadline))
+        except CallTimeoutError:
+            raise
+        except CommunicationError:
+            pass  # _shutdown has already failed every waiter, this one included
+        finally:
+            if not nested:
+                with self._cond:
+                    self._reader = None
+                    self._cond.notify_all()
+                if self._closed:
+                    self._close_socket()
+
+    def _handle(self, frame):
+        if frame.kind == wire.CALL:
+            self._send(dispatch.handle_call(self._lookup, frame), None)
+            return
+        with self._cond:
+            waiter = self._waiters.pop(frame.request_id, None)
+            if waiter is not None:
+                waiter.frame = frame
+                self._cond.notify_all()
+        if waiter is None:
+            log.debug('discarding the reply to request %d from %s: no call awaits it '
+                      '(it came after a timeout)', frame.request_id, self.peer)
+
+    def _read_frame(self, deadline):
+        decoder = self._decoder
+        while True:
+            if self._closed:
+                raise _fresh(self._error)
+            frame = decoder.next_frame()
+            if frame is not None:
+                return frame
+            self._wait(self._read_poll, deadline)
+            try:
+                received = self._sock.recv_into(decoder.get_buffer())
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._lost(exc)
+            if not received:
+                raise self._lost(None)
+            try:
+                decoder.advance(received)
+            except ProtocolError as exc:
+                self._shutdown(exc)
+                raise
+
+    def _send(self, segments, deadline):
+        with self._send_lock:
+            if self._closed:
+                raise _fresh(self._error)
+            try:
+                if len(segments) == 1:
+                    self._send_all(segments[0], deadline)
+                else:
+                    self._send_segments(segments, deadline)
+            except CallTimeoutError:
+                self._shutdown(ConnectionLostError(
+                    f'connection with {self.peer} closed: a send timed out part-way through a frame'))
+                raise
+            except OSError as exc:
+                raise self._lost(exc)
+
+    def _send_all(self, data, deadline):
+        sock = self._sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)
+        while sent < len(view):
+            self._wait(self._write_poll, deadline)
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError:
+                pass
+
+    def _send_segments(self, segments, deadline):
+        views = [v for v in (memoryview(s).cast('B') for s in segments) if len(v)]
+        first = 0
+        while first < len(views):
+            try:
+                sent = self._sock.sendmsg(views[first:first + _MAX_SEGMENTS])
+            except BlockingIOError:
+                self._wait(self._write_poll, deadline)
+                continue
+            while sent:
+                if sent >= len(views[first]):
+                    sent -= len(views[first])
+                    first += 1
+                else:
+                    views[first] = views[first][sent:]
+                    sent = 0
+
+    def _wait(self, poller, deadline):
+        if deadline is None:
+            poller.poll()
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or (not poller.poll(math.ceil(remaining * 1000))
+                              and time.monotonic() >= deadline):
+            raise CallTimeoutError(f'timed out waiting for {self.peer}')
+
+    def _lost(self, cause):
+        if self._closed:
+            return _fresh(self._error)
+        if cause is None:
+            error = ConnectionLostError(f'{self.peer} closed the connection')
+        else:
+            error = ConnectionLostError(f'connection with {self.peer} lost: {cause.strerror or cause}')
+            error.__cause__ = cause
+        self._shutdown(error)
+        return error
+
+    def _shutdown(self, error):
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._error = error
+            waiters, self._waiters = self._waiters, {}
+            for waiter in waiters.values():
+                waiter.error = error
+            self._cond.notify_all()
+            reading = self._reader is not None
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # A thread blocked in poll() on this socket returns now; the socket
+        # is closed only once no thread can be using its descriptor.
+        if not reading:
+            self._close_socket()
+
+    def _close_socket(self):
+        with self._send_lock:
+            self._sock.close()
+
+
+def _remaining(deadline):
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise CallTimeoutError('timed out waiting for the reply')
+    return remaining
+
+
+def _fresh(error):
+    """A new instance of ``error`` for this thread to raise, with the same cause."""
+    fresh = type(error)(*error.args)
+    fresh.__cause__ = error.__cause__
+    return fresh

@@ -1,0 +1,224 @@
+"""The Hub: one per process, it owns the published objects, the servers and the connections.
+
+``getHub()`` returns the process's hub, creating it on first use;
+``init(**settings)`` creates it explicitly.  ``Hub`` can also be built
+directly, for tests and embedding: pass it as ``hub=`` to ``makeServer``
+and ``remote``.
+
+A hub that has been shut down stays shut; ``getHub()`` then makes a new one.
+"""
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import weakref
+
+from . import wire
+from .console import run as run_console
+from .errors import ConnectionClosedError, DopyError, NoSuchObjectError
+
+__all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT']
+
+log = logging.getLogger('dopy.hub')
+
+# How long shutdown waits for a thread still running a remote method
+# before it leaves it behind (it is a daemon thread) and says so in the log.
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+
+_schemes = {}
+
+
+def register_scheme(scheme, factory):
+    """Let ``makeRemoteObject`` build proxies for ``scheme:...`` reference strings.
+
+    ``factory(hub, rest, timeout, connect)`` gets what follows ``scheme:``
+    and connects at once when ``connect`` is true.  Each transport module
+    registers itself when imported.
+    """
+    _schemes[scheme] = factory
+
+
+class Hub:
+    """The registry of published objects, and the owner of servers and connections.
+
+    ``max_message_size`` bounds every frame this hub receives, in bytes.
+    """
+
+    def __init__(self, *, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE):
+        if not isinstance(max_message_size, int) or max_message_size <= 0:
+            raise ValueError(f'max_message_size must be a positive int, not {max_message_size!r}')
+        self.settings = {'max_message_size': max_message_size}
+        self.max_message_size = max_message_size
+        self._objects = {}
+        self._lock = threading.Lock()
+        self._servers = set()
+        self._connections = weakref.WeakSet()
+        self._closed = threading.Event()
+        self._wake_w = None
+
+    def __repr__(self):
+        state = 'shut down' if self.closed else f'{len(self._objects)} objects, {len(self._servers)} servers'
+        return f'<dopy.Hub {state}>'
+
+    @property
+    def closed(self):
+        """True once ``shutdown`` has begun."""
+        return self._closed.is_set()
+
+    def addObject(self, name, obj):
+        """Publish ``obj`` under ``name``; a later call with the same name replaces it."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f'an object name must be a non-empty str, not {name!r}')
+        with self._lock:
+            self._objects[name] = obj
+
+    def removeObject(self, name):
+        """Stop publishing ``name``; ``NoSuchObjectError`` if it is not published."""
+        with self._lock:
+            try:
+                del self._objects[name]
+            except KeyError:
+                raise NoSuchObjectError(f'no object named {name!r} is published') from None
+
+    def getObject(self, name):
+        """The local object published under ``name``, or ``NoSuchObjectError``."""
+        try:
+            return self._objects[name]
+        except (KeyError, TypeError):
+            raise NoSuchObjectError(f'no object named {name!r} is published') from None
+
+    def makeRemoteObject(self, ref, timeout=None, connect=True):
+        """A proxy from a reference string such as ``'tcp:localhost:9600:myObject'``.
+
+        ``timeout`` is as for ``dopy.tcp.remote``.  With ``connect=False`` the
+        proxy connects on its first call instead of now.
+        """
+        if not isinstance(ref, str) or ':' not in ref:
+            raise ValueError(f'not a reference string: {ref!r} (expected "scheme:...")')
+        scheme, rest = ref.split(':', 1)
+        try:
+            factory = _schemes[scheme]
+        except KeyError:
+            raise ValueError(f'unknown transport {scheme!r} in reference {ref!r}; '
+                             f'known: {", ".join(sorted(_schemes))}') from None
+        return factory(self, rest, timeout, connect)
+
+    def mainloop(self, console=True, namespace=None):
+        """Serve until end of input, Ctrl-C or ``shutdown()``, running typed lines meanwhile.
+
+        Requests are served on background threads the whole time.  With
+        ``console=True`` each line read from standard input is executed as
+        Python in a namespace holding ``hub``, ``dopy`` and whatever
+        ``namespace`` adds; with ``console=False`` it just waits.  It does
+        not shut the hub down: call ``shutdown()`` after it, or let the
+        process exit.
+        """
+        if self.closed:
+            return
+        try:
+            if console and _stdin_fd() is not None:
+                self._run_console(namespace)
+            else:
+                self._closed.wait()
+        except KeyboardInterrupt:
+            log.info('mainloop interrupted')
+
+    def _run_console(self, namespace):
+        names = {'__name__': '__console__', 'hub': self, 'dopy': sys.modules[__package__]}
+        names.update(namespace or {})
+        wake_r, wake_w = os.pipe()
+        with self._lock:
+            self._wake_w = wake_w
+        try:
+            if not self.closed:
+                run_console(names, _stdin_fd(), wake_r)
+        finally:
+            with self._lock:
+                self._wake_w = None
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def shutdown(self, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+        """Close every server and connection of this hub and join their threads.
+
+        Safe from any thread, including one serving a remote call, and
+        idempotent.  ``mainloop`` returns.  A thread still inside a remote
+        method after ``timeout`` seconds is left to finish on its own and
+        named in the log.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            if self._wake_w is not None:
+                os.write(self._wake_w, b'x')
+            servers = list(self._servers)
+            connections = list(self._connections)
+        for server in servers:
+            server.close(timeout)
+        for connection in connections:
+            connection.close()
+        log.debug('hub shut down')
+
+    def _add_server(self, server):
+        with self._lock:
+            if self._closed.is_set():
+                raise ConnectionClosedError('this hub has been shut down')
+            self._servers.add(server)
+
+    def _remove_server(self, server):
+        with self._lock:
+            self._servers.discard(server)
+
+    def _add_connection(self, connection):
+        with self._lock:
+            if self._closed.is_set():
+                raise ConnectionClosedError('this hub has been shut down')
+            self._connections.add(connection)
+
+
+def _stdin_fd():
+    try:
+        return sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+_hub = None
+_hub_lock = threading.Lock()
+
+
+def getHub():
+    """The process's hub, created with default settings on first use."""
+    global _hub
+    with _hub_lock:
+        if _hub is None or _hub.closed:
+            _hub = Hub()
+        return _hub
+
+
+def init(**settings):
+    """Create the process's hub with ``settings`` (see ``Hub``) and return it.
+
+    Calling it again with the same settings returns the same hub; with
+    different settings, while that hub is alive, raises ``DopyError``.
+    """
+    global _hub
+    with _hub_lock:
+        if _hub is not None and not _hub.closed:
+            wanted = Hub(**settings).settings
+            if wanted != _hub.settings:
+                raise DopyError(f'the hub already exists with settings {_hub.settings}; '
+                                f'init() cannot change them to {wanted}')
+            return _hub
+        _hub = Hub(**settings)
+        return _hub
+
+
+@atexit.register
+def _shutdown_at_exit():
+    hub = _hub
+    if hub is not None:
+        hub.shutdown(timeout=1.0)

@@ -1,0 +1,248 @@
+"""The TCP transport: ``makeServer`` to serve a hub's objects, ``remote`` to call them.
+
+A server has an accept thread and one thread per connection, which reads
+that connection's calls and runs them one after another.  A client
+connection has no thread (see ``dopy.connection``).  Every socket has
+``TCP_NODELAY``, so a small message leaves at once, and ``SO_KEEPALIVE``.
+
+Reference strings look like ``tcp:HOST:PORT:NAME``, with an IPv6 host in
+brackets: ``tcp:[::1]:9600:myObject``.
+"""
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+
+from .connection import Connection, translate_os_error
+from .errors import CommunicationError, ConnectionClosedError
+from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
+from .proxy import RemoteObject
+
+__all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
+
+log = logging.getLogger('dopy.tcp')
+
+DEFAULT_PORT = 9600
+DEFAULT_HOST = '127.0.0.1'
+# Connecting never waits forever, even when calls may.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+_BACKLOG = 128
+
+
+def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None):
+    """Serve ``hub``'s objects (the process's hub by default) on a TCP port.
+
+    ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
+    this machine only, ``''`` every interface (IPv4 and IPv6 where the
+    system allows), and an IPv6 literal such as ``'::1'`` works too.  Port 0
+    picks a free port; ``server.port`` tells which.
+    """
+    return TCPServer(port, host, hub if hub is not None else getHub())
+
+
+def remote(host, port, name, *, timeout=None, hub=None):
+    """A proxy for the object published as ``name`` by the server at ``host:port``.
+
+    ``timeout`` (seconds) bounds connecting and every call; None, the
+    default, lets a call wait as long as it takes, while connecting is still
+    bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
+    that is down raises ``CommunicationError`` here.
+    """
+    proxy = _proxy(hub if hub is not None else getHub(), host, port, name, timeout)
+    proxy._dopy_link.get()
+    return proxy
+
+
+class TCPServer:
+    """A listening socket that serves its hub's objects; see ``makeServer``."""
+
+    def __init__(self, port, host, hub):
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f'port must be an int from 0 to 65535, not {port!r}')
+        self.hub = hub
+        self._sock = _listen(host, port)
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._workers = {}
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        try:
+            hub._add_server(self)
+        except BaseException:
+            self._close_fds()
+            raise
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f'dopy-accept-{self.port}', daemon=True)
+        self._accept_thread.start()
+        log.info('serving on %s', self.address)
+
+    @property
+    def address(self):
+        """``host:port`` as a client would name it."""
+        return f'{_format_host(self.host or "0.0.0.0")}:{self.port}'
+
+    def __repr__(self):
+        return f'<dopy.tcp.TCPServer {self.address}{" closed" if self._closed else ""}>'
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+        """Stop listening, close every connection and join their threads. Idempotent.
+
+        A thread still running a remote method after ``timeout`` seconds is
+        left to finish on its own (it is a daemon thread) and named in the log.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        os.write(self._wake_w, b'x')
+        if self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            workers = list(self._workers.items())
+        for connection, _ in workers:
+            connection.close()
+        me = threading.current_thread()
+        for _, thread in workers:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.warning('%s is still running a remote method; leaving it behind', thread.name)
+        self.hub._remove_server(self)
+        if not self._accept_thread.is_alive():
+            self._close_fds()
+        log.info('stopped serving on %s', self.address)
+
+    def _close_fds(self):
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _accept_loop(self):
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_poller = select.poll()
+        wake_poller.register(self._wake_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                return
+            try:
+                sock, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                # Out of descriptors, say: wait for a wake-up or for things to
+                # ease rather than spin on a socket that stays readable.
+                log.error('accept on %s failed: %s', self.address, exc)
+                if wake_poller.poll(100):
+                    return
+                continue
+            self._start_worker(sock, address)
+
+    def _start_worker(self, sock, address):
+        _tune(sock)
+        peer = f'{_format_host(address[0])}:{address[1]}'
+        connection = Connection(sock, self.hub, peer)
+        thread = threading.Thread(target=self._serve, args=(connection,),
+                                  name=f'dopy-conn-{peer}', daemon=True)
+        with self._lock:
+            if self._closed:
+                connection.close()
+                return
+            self._workers[connection] = thread
+        log.debug('accepted %s', peer)
+        thread.start()
+
+    def _serve(self, connection):
+        try:
+            connection.serve()
+        finally:
+            with self._lock:
+                self._workers.pop(connection, None)
+
+
+def _listen(host, port):
+    try:
+        if host == '':
+            if socket.has_dualstack_ipv6():
+                return socket.create_server(('', port), family=socket.AF_INET6,
+                                            backlog=_BACKLOG, dualstack_ipv6=True)
+            return socket.create_server(('', port), backlog=_BACKLOG)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        return socket.create_server(address, family=family, backlog=_BACKLOG)
+    except OSError as exc:
+        raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
+
+
+def _tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _format_host(host):
+    return f'[{host}]' if ':' in host else host
+
+
+def _proxy(hub, host, port, name, timeout):
+    if not isinstance(name, str) or not name:
+        raise TypeError(f'an object name must be a non-empty str, not {name!r}')
+    if not isinstance(port, int) or not 0 < port <= 65535:
+        raise ValueError(f'port must be an int from 1 to 65535, not {port!r}')
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f'timeout must be None or a positive number of seconds, not {timeout!r}')
+    connect_timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+    address = f'{_format_host(host)}:{port}'
+
+    def connect():
+        if hub.closed:
+            raise ConnectionClosedError('the hub of this proxy has been shut down')
+        try:
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as exc:
+            raise translate_os_error(exc, f'cannot connect to {address}') from exc
+        _tune(sock)
+        connection = Connection(sock, hub, address)
+        try:
+            hub._add_connection(connection)
+        except CommunicationError:
+            connection.close()
+            raise
+        return connection
+
+    return RemoteObject(f'tcp:{address}:{name}', name, connect, timeout)
+
+
+def _parse_reference(rest):
+    """``HOST:PORT:NAME`` (HOST may be ``[v6]``) to its three parts."""
+    if rest.startswith('['):
+        host, sep, tail = rest[1:].partition(']:')
+    else:
+        host, sep, tail = rest.partition(':')
+    port, sep2, name = tail.partition(':')
+    if not (sep and sep2 and host and name and port.isdigit()):
+        raise ValueError(f'not a TCP reference: "tcp:{rest}" (expected tcp:HOST:PORT:NAME)')
+    return host, int(port), name
+
+
+def _from_reference(hub, rest, timeout, connect):
+    host, port, name = _parse_reference(rest)
+    proxy = _proxy(hub, host, port, name, timeout)
+    if connect:
+        proxy._dopy_link.get()
+    return proxy
+
+
+register_scheme('tcp', _from_reference)

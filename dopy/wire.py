@@ -1,0 +1,272 @@
+"""DOPY's wire format: messages to bytes and bytes to messages, with no I/O.
+
+Every message is one frame: a fixed 24-byte header, then the payload.  All
+integers are unsigned, big-endian (network order).
+
+======  ====  ==========================================================
+offset  size  field
+======  ====  ==========================================================
+0       4     magic, the bytes ``DOPY``
+4       1     version, currently 1
+5       1     kind: 1 CALL, 2 REPLY, 3 ERROR
+6       2     number of out-of-band buffers, *n*
+8       8     request id: chosen by the caller, echoed by the reply
+16      8     payload length: the bytes that follow the header
+24      ...   payload
+======  ====  ==========================================================
+
+The payload is *n* 8-byte buffer lengths, then a pickle (protocol 5), then
+the *n* buffers, back to back.  Large buffers (``pickle.PickleBuffer``)
+travel out of band this way, so they are neither copied into the pickle on
+the sending side nor out of it on the receiving side.
+
+The pickle of each kind holds:
+
+- CALL: the tuple ``(object_name, method_name, args, kwargs)``;
+- REPLY: the method's result;
+- ERROR: an exception packed by ``dopy.remote_exc.pack``.
+
+A receiver checks the magic, the version, the kind and the declared payload
+length against its size limit *before* it allocates anything for the frame.
+Decoding a frame does not unpickle it: ``Frame`` holds raw bytes, and
+``loads`` is a separate step the connection takes once the peer is trusted.
+"""
+
+import pickle
+import struct
+from collections import deque
+
+from .errors import MessageTooLargeError, ProtocolError
+
+__all__ = [
+    'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'KINDS',
+    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads',
+    'frame_segments', 'encode',
+]
+
+MAGIC = b'DOPY'
+VERSION = 1
+HEADER = struct.Struct('!4sBBHQQ')
+_LENGTH = struct.Struct('!Q')
+
+CALL = 1
+REPLY = 2
+ERROR = 3
+KINDS = frozenset((CALL, REPLY, ERROR))
+
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+_MAX_REQUEST_ID = (1 << 64) - 1
+_MAX_BUFFERS = (1 << 16) - 1
+
+# Buffers smaller than this stay inside the pickle: a separate segment
+# costs more than the copy it saves.
+OUT_OF_BAND_THRESHOLD = 64 * 1024
+
+# Frames up to this size are read through the decoder's staging buffer, so
+# one recv can bring several of them; larger payloads get a buffer of their
+# own, allocated once at their declared size and filled in place.
+_STAGING_SIZE = 256 * 1024
+
+
+class Frame:
+    """One decoded frame: its kind, request id, pickle bytes and buffers."""
+
+    __slots__ = ('kind', 'request_id', 'data', 'buffers')
+
+    def __init__(self, kind, request_id, data, buffers=()):
+        self.kind = kind
+        self.request_id = request_id
+        self.data = data
+        self.buffers = buffers
+
+    def __repr__(self):
+        return (f'Frame(kind={self.kind}, request_id={self.request_id}, '
+                f'{len(self.data)} bytes, {len(self.buffers)} buffers)')
+
+
+def dumps(obj):
+    """Pickle ``obj`` for the wire: returns ``(pickle_bytes, buffers)``.
+
+    Raises whatever pickling raises; the caller says which side failed.
+    """
+    buffers = []
+
+    def keep_large(buf):
+        if buf.raw().nbytes < OUT_OF_BAND_THRESHOLD:
+            return True
+        buffers.append(buf)
+        return False
+
+    data = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+    return data, buffers
+
+
+def loads(data, buffers=()):
+    """Unpickle what ``dumps`` made, given the frame's buffers."""
+    return pickle.loads(data, buffers=buffers)
+
+
+def frame_segments(kind, request_id, data, buffers=()):
+    """The frame as a list of bytes-like segments, ready for ``sendmsg``.
+
+    With no buffers the list has one element, so a small message leaves in
+    one ``send``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f'unknown frame kind {kind!r}')
+    if not 0 <= request_id <= _MAX_REQUEST_ID:
+        raise ValueError(f'request id {request_id!r} out of range')
+    if len(buffers) > _MAX_BUFFERS:
+        raise ValueError(f'{len(buffers)} out-of-band buffers is too many')
+    raws = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast('B')
+            for b in buffers]
+    table = b''.join(_LENGTH.pack(r.nbytes) for r in raws)
+    length = len(table) + len(data) + sum(r.nbytes for r in raws)
+    head = HEADER.pack(MAGIC, VERSION, kind, len(raws), request_id, length)
+    if not raws:
+        return [head + data]
+    return [head + table + data, *raws]
+
+
+def encode(kind, request_id, obj):
+    """Pickle ``obj`` and frame it: the whole frame as one ``bytes``."""
+    data, buffers = dumps(obj)
+    return b''.join(frame_segments(kind, request_id, data, buffers))
+
+
+class Decoder:
+    """Turns a byte stream into ``Frame`` objects, checking each header.
+
+    Two ways to give it bytes:
+
+    - ``feed(data)`` copies them in;
+    - ``get_buffer()`` returns a writable memoryview to ``recv_into``,
+      then ``advance(n)`` says how many bytes arrived.  A large payload is
+      received straight into its own buffer this way, with no extra copy.
+
+    ``next_frame()`` returns the next complete frame, or None.  A header
+    that breaks the format raises ``ProtocolError`` (``MessageTooLargeError``
+    for a declared length over ``max_size``) before anything is allocated
+    for it; after that the stream is unusable.
+    """
+
+    def __init__(self, max_size=DEFAULT_MAX_MESSAGE_SIZE):
+        if max_size < 0:
+            raise ValueError('max_size must not be negative')
+        self.max_size = max_size
+        self._staging = bytearray(_STAGING_SIZE)
+        self._view = memoryview(self._staging)
+        self._start = 0
+        self._end = 0
+        self._large = None
+        self._ready = deque()
+
+    @property
+    def pending(self):
+        """The number of bytes received that are not yet part of a whole frame."""
+        if self._large is not None:
+            return HEADER.size + self._large[1]
+        return self._end - self._start
+
+    def get_buffer(self):
+        """Where the next received bytes should be written (never empty)."""
+        if self._large is not None:
+            payload, filled, _ = self._large
+            return memoryview(payload)[filled:]
+        if self._end == len(self._staging):
+            self._compact()
+        return self._view[self._end:]
+
+    def advance(self, nbytes):
+        """Record that ``nbytes`` were written into the last ``get_buffer()``."""
+        if self._large is not None:
+            payload, filled, header = self._large
+            filled += nbytes
+            if filled < len(payload):
+                self._large = (payload, filled, header)
+                return
+            self._large = None
+            self._ready.append(_make_frame(header, payload))
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def feed(self, data):
+        """Copy ``data`` in; frames it completes become ready."""
+        data = memoryview(data).cast('B')
+        while data:
+            target = self.get_buffer()
+            n = min(len(target), len(data))
+            target[:n] = data[:n]
+            data = data[n:]
+            self.advance(n)
+
+    def next_frame(self):
+        """The next complete frame, or None if there is none yet."""
+        return self._ready.popleft() if self._ready else None
+
+    def _compact(self):
+        remaining = self._end - self._start
+        self._view[:remaining] = self._view[self._start:self._end]
+        self._start, self._end = 0, remaining
+
+    def _parse(self):
+        view = self._view
+        while self._end - self._start >= HEADER.size:
+            header = _check_header(view, self._start, self.max_size)
+            length = header[3]
+            body_start = self._start + HEADER.size
+            available = self._end - body_start
+            if available >= length:
+                payload = bytes(view[body_start:body_start + length])
+                self._start = body_start + length
+                self._ready.append(_make_frame(header, payload))
+                continue
+            if HEADER.size + length > len(self._staging):
+                payload = bytearray(length)
+                payload[:available] = view[body_start:self._end]
+                self._start = self._end = 0
+                self._large = (payload, available, header)
+            return
+        if self._start == self._end:
+            self._start = self._end = 0
+        else:
+            # Fail at once on a stray protocol rather than wait for 24 bytes.
+            seen = min(self._end - self._start, len(MAGIC))
+            if view[self._start:self._start + seen] != MAGIC[:seen]:
+                raise ProtocolError(f'bad magic {bytes(view[self._start:self._start + seen])!r}: '
+                                    'the peer does not speak DOPY')
+
+
+def _check_header(view, start, max_size):
+    magic, version, kind, nbuf, request_id, length = HEADER.unpack_from(view, start)
+    if magic != MAGIC:
+        raise ProtocolError(f'bad magic {bytes(magic)!r}: the peer does not speak DOPY')
+    if version != VERSION:
+        raise ProtocolError(f'unsupported wire version {version} (this side speaks {VERSION})')
+    if kind not in KINDS:
+        raise ProtocolError(f'unknown frame kind {kind}')
+    if length > max_size:
+        raise MessageTooLargeError(
+            f'frame of {length} bytes is over the limit of {max_size} bytes')
+    if length < nbuf * _LENGTH.size:
+        raise ProtocolError(f'frame of {length} bytes cannot hold {nbuf} buffer lengths')
+    return kind, nbuf, request_id, length
+
+
+def _make_frame(header, payload):
+    kind, nbuf, request_id, length = header
+    if not nbuf:
+        return Frame(kind, request_id, payload)
+    view = memoryview(payload)
+    table = nbuf * _LENGTH.size
+    sizes = [_LENGTH.unpack_from(view, i * _LENGTH.size)[0] for i in range(nbuf)]
+    data_size = length - table - sum(sizes)
+    if data_size < 0:
+        raise ProtocolError(f'buffer lengths add up past the end of a {length}-byte frame')
+    position = table + data_size
+    buffers = []
+    for size in sizes:
+        buffers.append(view[position:position + size])
+        position += size
+    return Frame(kind, request_id, view[table:table + data_size], buffers)
