@@ -55,12 +55,15 @@ def server_main(argv=None):
         print(f'dopyserver: {exc}', file=sys.stderr)
         return 1
     print(f'dopyserver: serving "{TEST_OBJECT_NAME}" on {server.address}', file=sys.stderr, flush=True)
+    names = {'server': server, 'test': test}
     if sys.flags.interactive:
-        # python -i dopyserver: Python's own prompt is the console, and the
-        # server goes on serving from its threads until the interpreter exits.
+        # python -i dopyserver: Python's own prompt is the console, with the
+        # same names at hand, and the server goes on serving from its threads
+        # until the interpreter exits.
+        vars(sys.modules['__main__']).update(names, hub=hub, dopy=sys.modules[__package__])
         return 0
     try:
-        hub.mainloop(namespace={'server': server, 'test': test})
+        hub.mainloop(namespace=names)
     finally:
         hub.shutdown()
     return 0

@@ -1,0 +1,403 @@
+"""Calls through a proxy over real sockets on 127.0.0.1, server and client in this process."""
+
+import pickle
+import socket
+import threading
+import time
+import unittest
+
+import dopy
+import dopy.tcp
+from dopy import wire
+from tests.support import TIMEOUT, HubCase
+
+
+class Service:
+    """The object most tests here call."""
+
+    counter = 0
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def echo(self, value):
+        return value
+
+    def add(self, a, b=0, *, scale=1):
+        return (a + b) * scale
+
+    def fail(self, message):
+        raise KeyError(message)
+
+    def unpicklable_result(self):
+        return threading.Lock()
+
+    def wait_for_release(self, value):
+        self.started.set()
+        self.release.wait(TIMEOUT)
+        return value
+
+    def _hidden(self):
+        raise AssertionError('a private method ran')
+
+    @property
+    def prop(self):
+        raise AssertionError('a property was read')
+
+
+class Blob:
+    """Pickles its data out of band, the way numpy arrays do."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+    def __eq__(self, other):
+        return isinstance(other, Blob) and bytes(self.data) == bytes(other.data)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError('this object refuses to be pickled')
+
+
+class BasicCalls(HubCase):
+    def setUp(self):
+        super().setUp()
+        self.service = Service()
+        self.p = self.serve(self.service)
+
+    def test_positional_and_keyword_arguments(self):
+        self.assertEqual(self.p.add(1, 2), 3)
+        self.assertEqual(self.p.add(1, b=2, scale=10), 30)
+        self.assertEqual(self.p.add(a=5), 5)
+
+    def test_arguments_and_results_are_copies(self):
+        value = {'list': [1, 2, (3, 4)], 'bytes': b'\x00\xff', 'set': {1, 2}}
+        self.assertEqual(self.p.echo(value), value)
+        self.assertIsNot(self.p.echo(value), value)
+
+    def test_large_payload_round_trip(self):
+        blob = bytes(range(256)) * (4 << 12)
+        self.assertEqual(self.p.echo(blob), blob)
+        self.assertEqual(self.p.echo(bytearray(blob)), bytearray(blob))
+
+    def test_out_of_band_buffers_round_trip(self):
+        blobs = [Blob(bytearray(b'q' * (3 << 20))), Blob(b'small'), Blob(bytes(range(256)) * 1000)]
+        self.assertEqual(self.p.echo(blobs), blobs)
+
+    def test_remote_exception_is_raised_as_its_own_type(self):
+        with self.assertRaises(KeyError) as caught:
+            self.p.fail('gone')
+        self.assertEqual(caught.exception.args, ('gone',))
+        self.assertEqual(caught.exception.dopy_traceback[-1].name, 'fail')
+        self.assertIn('raise KeyError(message)', dopy.tb.errorText(caught.exception))
+
+    def test_underscore_names_are_not_forwarded(self):
+        with self.assertRaises(AttributeError):
+            self.p._hidden()
+        with self.assertRaises(AttributeError):
+            self.p.__len__()
+
+    def test_data_attributes_and_properties_are_not_methods(self):
+        for name in ('counter', 'prop', 'release'):
+            with self.subTest(name=name), self.assertRaises(dopy.NoSuchMethodError) as caught:
+                getattr(self.p, name)()
+            self.assertIsInstance(caught.exception, AttributeError)
+
+    def test_unknown_method(self):
+        with self.assertRaises(dopy.NoSuchMethodError):
+            self.p.nothing_here()
+        self.assertEqual(self.p.echo('still usable'), 'still usable')
+
+    def test_unknown_object(self):
+        with self.assertRaises(dopy.NoSuchObjectError) as caught:
+            self.proxy('nobody').echo(1)
+        self.assertIsInstance(caught.exception, LookupError)
+
+    def test_unpicklable_argument_fails_on_the_client_and_sends_nothing(self):
+        with self.assertRaises(dopy.SerializationError) as caught:
+            self.p.echo(Unpicklable())
+        self.assertIn('client', str(caught.exception))
+        self.assertEqual(self.p.echo(1), 1)
+
+    def test_unpicklable_result_fails_on_the_server_and_the_connection_survives(self):
+        with self.assertRaises(dopy.SerializationError) as caught:
+            self.p.unpicklable_result()
+        self.assertIn('server', str(caught.exception))
+        self.assertEqual(self.p.echo(2), 2)
+
+    def test_removed_object_is_no_longer_served(self):
+        self.hub.removeObject('obj')
+        with self.assertRaises(dopy.NoSuchObjectError):
+            self.p.echo(1)
+
+    def test_reference_string_and_repr(self):
+        ref = f'tcp:127.0.0.1:{self.server.port}:obj'
+        self.assertEqual(str(self.p), ref)
+        self.assertIn(ref, repr(self.p))
+        self.assertIsInstance(self.p, dopy.RemoteObject)
+        again = self.hub.makeRemoteObject(ref, timeout=TIMEOUT)
+        self.addCleanup(dopy.close, again)
+        self.assertEqual(again.echo('via ref'), 'via ref')
+        self.assertEqual(str(again), ref)
+
+    def test_proxy_pickles_as_its_reference(self):
+        data = pickle.dumps(self.p)
+        self.assertIn(str(self.p).encode(), data)
+        self.assertLess(len(data), 200)
+
+    def test_bad_reference_strings(self):
+        for ref in ('nocolon', 'udp:host:1:x', 'tcp:host', 'tcp:host:port:x', 'tcp:host:1:'):
+            with self.subTest(ref=ref), self.assertRaises(ValueError):
+                self.hub.makeRemoteObject(ref)
+
+    def test_closed_proxy_refuses_calls(self):
+        dopy.close(self.p)
+        dopy.close(self.p)
+        with self.assertRaises(dopy.ConnectionClosedError):
+            self.p.echo(1)
+
+    def test_proxy_as_context_manager_closes(self):
+        with self.proxy() as p:
+            self.assertEqual(p.echo(3), 3)
+        with self.assertRaises(dopy.ConnectionClosedError):
+            p.echo(1)
+
+
+class Threads(HubCase):
+    def test_many_threads_share_one_proxy_and_get_their_own_results(self):
+        p = self.serve(Service())
+        failures = []
+
+        def worker(k):
+            try:
+                for i in range(200):
+                    got = p.add(k, i)
+                    if got != k + i:
+                        failures.append((k, i, got))
+            except Exception as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 3)
+        self.assertFalse(any(t.is_alive() for t in threads))
+        self.assertEqual(failures, [])
+
+    def test_calls_of_other_threads_go_on_while_one_waits(self):
+        service = Service()
+        p = self.serve(service)
+        other = self.proxy()
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(p.wait_for_release('late')))
+        waiter.start()
+        self.assertTrue(service.started.wait(TIMEOUT))
+        self.assertEqual(other.echo('meanwhile'), 'meanwhile')
+        service.release.set()
+        waiter.join(TIMEOUT)
+        self.assertEqual(result, ['late'])
+
+
+class Timeouts(HubCase):
+    def test_timeout_raises_and_the_next_call_gets_its_own_reply(self):
+        service = Service()
+        p = self.serve(service, timeout=0.3)
+        start = time.monotonic()
+        with self.assertRaises(dopy.CallTimeoutError) as caught:
+            p.wait_for_release('stale')
+        self.assertIsInstance(caught.exception, TimeoutError)
+        self.assertLess(time.monotonic() - start, TIMEOUT)
+        self.assertIn('not re-sent', str(caught.exception))
+        service.release.set()
+        self.assertEqual(p.echo('fresh'), 'fresh')
+        self.assertEqual(p.echo('fresh again'), 'fresh again')
+
+    def test_timeout_of_one_thread_leaves_the_others_calls_alone(self):
+        service = Service()
+        self.hub.addObject('obj', service)
+        self.server = dopy.tcp.makeServer(0, hub=self.hub)
+        shared = self.proxy(timeout=0.3)
+        self.assertEqual(shared.echo(0), 0)
+        with self.assertRaises(dopy.CallTimeoutError):
+            shared.wait_for_release(1)
+        service.release.set()
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(shared.echo(i))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual(sorted(results), list(range(8)))
+
+    def test_late_reply_on_a_shared_connection_is_discarded_by_id(self):
+        service = Service()
+        self.hub.addObject('obj', service)
+        self.server = dopy.tcp.makeServer(0, hub=self.hub)
+        listener = socket.create_server(('127.0.0.1', 0))
+        self.addCleanup(listener.close)
+        # A hand-written peer that answers the second call first, then the first.
+        client = socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT)
+        self.addCleanup(client.close)
+        client.sendall(wire.encode(wire.CALL, 1, ('obj', 'wait_for_release', ('first',), {})))
+        self.assertTrue(service.started.wait(TIMEOUT))
+        client.sendall(wire.encode(wire.CALL, 2, ('obj', 'echo', ('second',), {})))
+        service.release.set()
+        decoder = wire.Decoder()
+        frames = []
+        while len(frames) < 2:
+            data = client.recv(65536)
+            self.assertTrue(data)
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append((frame.request_id, wire.loads(frame.data)))
+        self.assertEqual(sorted(frames), [(1, 'first'), (2, 'second')])
+
+    def test_bad_timeouts_are_refused(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        for timeout in (0, -1):
+            with self.subTest(timeout=timeout), self.assertRaises(ValueError):
+                dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=timeout, hub=self.hub)
+
+
+class ServerGoesAway(HubCase):
+    def test_no_server_listening_is_a_communication_error(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        start = time.monotonic()
+        with self.assertRaises(dopy.CommunicationError) as caught:
+            dopy.tcp.remote('127.0.0.1', port, 'obj', hub=self.hub)
+        self.assertIsInstance(caught.exception, ConnectionError)
+        self.assertIsInstance(caught.exception.__cause__, OSError)
+        self.assertLess(time.monotonic() - start, TIMEOUT)
+
+    def test_connect_timeout_is_bounded(self):
+        # A listener whose backlog is full leaves connect() hanging.
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            s.listen(0)
+            fillers = []
+            try:
+                for _ in range(16):
+                    f = socket.socket()
+                    f.setblocking(False)
+                    f.connect_ex(s.getsockname())
+                    fillers.append(f)
+                start = time.monotonic()
+                try:
+                    dopy.tcp.remote('127.0.0.1', s.getsockname()[1], 'obj', timeout=0.5, hub=self.hub)
+                except dopy.CallTimeoutError:
+                    self.assertLess(time.monotonic() - start, TIMEOUT)
+                except dopy.CommunicationError:
+                    pass  # the system refused rather than queued: bounded all the same
+                else:
+                    self.skipTest('this system accepted past a full backlog')
+            finally:
+                for f in fillers:
+                    f.close()
+
+    def test_server_closed_between_calls_then_back_reconnects(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        port = server.port
+        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo(1), 1)
+        server.close()
+        with self.assertRaises(dopy.CommunicationError):
+            p.echo(2)
+        self.server = dopy.tcp.makeServer(port, hub=self.hub)
+        self.assertEqual(p.echo(3), 3)
+
+    def test_server_closed_mid_call_fails_the_call_quickly(self):
+        service = Service()
+        p = self.serve(service, timeout=None)
+        errors = []
+
+        def call():
+            try:
+                p.wait_for_release(1)
+            except dopy.CommunicationError as exc:
+                errors.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        self.assertTrue(service.started.wait(TIMEOUT))
+        with self.assertLogs('dopy', 'WARNING'):
+            self.server.close(timeout=0.1)
+        caller.join(TIMEOUT)
+        service.release.set()
+        self.assertFalse(caller.is_alive())
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], dopy.ConnectionLostError)
+
+
+class Addresses(HubCase):
+    def test_server_port_zero_and_close_is_idempotent(self):
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        self.assertGreater(server.port, 0)
+        self.assertEqual(server.host, '127.0.0.1')
+        server.close()
+        server.close()
+
+    def test_server_as_context_manager(self):
+        self.hub.addObject('obj', Service())
+        with dopy.tcp.makeServer(0, hub=self.hub) as server:
+            p = dopy.tcp.remote('localhost', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+            self.assertEqual(p.echo('in'), 'in')
+            dopy.close(p)
+        with self.assertRaises(dopy.CommunicationError):
+            dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+
+    def test_ipv6_loopback(self):
+        if not socket.has_ipv6:
+            self.skipTest('no IPv6 in this Python')
+        try:
+            server = dopy.tcp.makeServer(0, host='::1', hub=self.hub)
+        except dopy.CommunicationError as exc:
+            self.skipTest(f'no IPv6 loopback here: {exc}')
+        self.hub.addObject('obj', Service())
+        p = dopy.tcp.remote('::1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo('six'), 'six')
+        self.assertEqual(str(p), f'tcp:[::1]:{server.port}:obj')
+        again = self.hub.makeRemoteObject(str(p), timeout=TIMEOUT)
+        self.addCleanup(dopy.close, again)
+        self.assertEqual(again.echo(6), 6)
+
+    def test_port_in_use_is_a_clear_error(self):
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        with self.assertRaises(dopy.CommunicationError) as caught:
+            dopy.tcp.makeServer(server.port, hub=self.hub)
+        self.assertIn(str(server.port), str(caught.exception))
+
+    def test_bad_ports(self):
+        for port in (-1, 65536, '9600', None):
+            with self.subTest(port=port), self.assertRaises(ValueError):
+                dopy.tcp.makeServer(port, hub=self.hub)
+
+
+class MessageLimit(HubCase):
+    def test_oversized_call_closes_that_connection_only(self):
+        hub = dopy.Hub(max_message_size=10_000)
+        self.addCleanup(hub.shutdown)
+        hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, hub=hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        self.addCleanup(dopy.close, p)
+        with self.assertLogs('dopy', 'WARNING') as logs, self.assertRaises(dopy.ConnectionLostError):
+            p.echo(b'x' * 20_000)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn('over the limit of 10000 bytes', logs.output[0])
+        self.assertEqual(p.echo(b'small'), b'small')
+
+
+if __name__ == '__main__':
+    unittest.main()

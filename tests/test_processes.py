@@ -1,0 +1,232 @@
+"""Real processes: the scripts end to end, a server in another process, kill -9 and restart."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import dopy
+import dopy.tcp
+from tests.support import (ROOT, TIMEOUT, HubCase, ServerProcess, read_line, spawn, stop)
+
+DOPYSERVER = os.path.join(ROOT, 'dopyserver')
+DOPYCLIENT = os.path.join(ROOT, 'dopyclient')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_dopyserver(*args, interactive=False):
+    proc = spawn(['-i', DOPYSERVER, *args] if interactive else [DOPYSERVER, *args])
+    banner = read_line(proc.stderr)
+    if 'serving' not in banner:
+        proc.kill()
+        raise AssertionError(f'dopyserver did not start: {banner!r}')
+    return proc, int(banner.rsplit(':', 1)[1])
+
+
+def run_client(*args):
+    return subprocess.run([sys.executable, DOPYCLIENT, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT * 3, cwd=ROOT)
+
+
+class Scripts(HubCase):
+    def test_dopyclient_prints_the_four_lines_against_dopyserver(self):
+        server, port = start_dopyserver('--port', '0')
+        client = run_client(f'localhost:{port}')
+        status, _, err = stop(server)
+        self.assertEqual(client.stdout, f'connecting to localhost:{port}...\n'
+                                        'test of basic method invocation ok\n'
+                                        'test of keyword parms ok\n'
+                                        'test of exceptions ok\n')
+        self.assertEqual(client.returncode, 0, client.stderr)
+        self.assertEqual(client.stderr, '')
+        self.assertEqual(status, 0, err)
+
+    def test_dopyclient_without_a_server_says_so_in_one_line(self):
+        port = free_port()
+        client = run_client(f'127.0.0.1:{port}')
+        self.assertNotEqual(client.returncode, 0)
+        self.assertEqual(client.stdout, f'connecting to 127.0.0.1:{port}...\n')
+        self.assertEqual(len(client.stderr.splitlines()), 1, client.stderr)
+        self.assertIn('cannot connect', client.stderr)
+        self.assertNotIn('Traceback', client.stderr)
+
+    def test_dopyclient_names_the_failing_test(self):
+        class Broken:
+            def echo(self, value):
+                return value
+
+            def add(self, a, b=0):
+                return a + b + 1
+
+        self.hub.addObject('test', Broken())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        client = run_client(f'127.0.0.1:{server.port}')
+        self.assertEqual(client.returncode, 1)
+        self.assertIn('test of basic method invocation FAILED', client.stderr)
+        self.assertIn('add(2, 3)', client.stderr)
+        self.assertNotIn('Traceback', client.stderr)
+
+    def test_dopyclient_rejects_a_bad_address(self):
+        client = run_client('localhost:notaport')
+        self.assertEqual(client.returncode, 2)
+        self.assertIn('bad port', client.stderr)
+
+    def test_a_line_typed_into_the_console_publishes_an_object(self):
+        server, port = start_dopyserver('--port', '0')
+        server.stdin.write('class Greeter:\n'
+                           '    def greet(self, who):\n'
+                           '        return "hello " + who\n'
+                           '\n'
+                           'hub.addObject("greeter", Greeter())\n'
+                           'print("published", flush=True)\n')
+        server.stdin.flush()
+        self.assertEqual(read_line(server.stdout), 'published\n')
+        p = dopy.tcp.remote('127.0.0.1', port, 'greeter', timeout=TIMEOUT, hub=self.hub)
+        self.assertEqual(p.greet('world'), 'hello world')
+        dopy.close(p)
+        status, _, err = stop(server)
+        self.assertEqual(status, 0, err)
+
+    def test_console_prints_values_and_tracebacks_and_goes_on(self):
+        server, _ = start_dopyserver('--port', '0')
+        status, out, err = stop_with_input(server, '6 * 7\nraise KeyError("boom")\nprint("after")\n')
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out, '42\nafter\n')
+        self.assertIn('Traceback', err)
+        self.assertIn("KeyError: 'boom'", err)
+
+    def test_dopyserver_stops_when_the_hub_is_shut_down_from_a_client(self):
+        server, port = start_dopyserver('--port', '0')
+        server.stdin.write('hub.addObject("hub", hub)\nprint("ready", flush=True)\n')
+        server.stdin.flush()
+        self.assertEqual(read_line(server.stdout), 'ready\n')
+        p = dopy.tcp.remote('127.0.0.1', port, 'hub', timeout=TIMEOUT, hub=self.hub)
+        with self.assertRaises(dopy.CommunicationError):
+            p.shutdown()
+        self.assertEqual(server.wait(TIMEOUT), 0)
+        server.communicate()
+
+    def test_ctrl_c_stops_dopyserver_with_status_zero(self):
+        server, port = start_dopyserver('--port', '0')
+        server.send_signal(signal.SIGINT)
+        self.assertEqual(server.wait(TIMEOUT), 0)
+        server.communicate()
+
+    def test_python_dash_i_dopyserver_serves_under_the_python_prompt(self):
+        server, port = start_dopyserver('--port', '0', interactive=True)
+        client = run_client(f'127.0.0.1:{port}')
+        self.assertEqual(client.returncode, 0, client.stderr)
+        status, out, err = stop_with_input(server, 'print("typed at the prompt", hub)\n')
+        self.assertEqual(status, 0, err)
+        self.assertIn('typed at the prompt <dopy.Hub', out)
+
+    def test_dopyserver_on_a_port_in_use_says_so(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            s.listen()
+            proc = spawn([DOPYSERVER, '--port', str(s.getsockname()[1])])
+            status, out, err = stop(proc)
+        self.assertEqual(status, 1)
+        self.assertIn('cannot serve', err)
+        self.assertNotIn('Traceback', err)
+
+    def test_help_explains_every_option(self):
+        for script, words in ((DOPYSERVER, ('--host', '--port')), (DOPYCLIENT, ('HOST', '--timeout'))):
+            done = subprocess.run([sys.executable, script, '--help'], capture_output=True,
+                                  text=True, timeout=TIMEOUT, cwd=ROOT)
+            self.assertEqual(done.returncode, 0)
+            for word in words:
+                self.assertIn(word, done.stdout)
+
+    def test_the_demo_module_runs_both_scripts(self):
+        done = subprocess.run([sys.executable, '-m', 'dopy.demo'], capture_output=True,
+                              text=True, timeout=TIMEOUT * 6, cwd=ROOT)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn('test of exceptions ok', done.stdout)
+        self.assertIn('demo ok', done.stdout)
+
+
+def stop_with_input(proc, text):
+    try:
+        out, err = proc.communicate(text, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+class ServerInAnotherProcess(HubCase):
+    def remote(self, port, timeout=TIMEOUT):
+        p = dopy.tcp.remote('127.0.0.1', port, 'service', timeout=timeout, hub=self.hub)
+        self.addCleanup(dopy.close, p)
+        return p
+
+    def test_calls_cross_the_process_boundary(self):
+        with ServerProcess() as server:
+            p = self.remote(server.port)
+            self.assertNotEqual(p.pid(), os.getpid())
+            self.assertEqual(p.echo({'x': [1, 2]}), {'x': [1, 2]})
+
+    def test_exception_class_only_the_server_has_becomes_remote_error(self):
+        with ServerProcess() as server:
+            p = self.remote(server.port)
+            with self.assertRaises(dopy.RemoteError) as caught:
+                p.raise_server_only('secret')
+            error = caught.exception
+            self.assertEqual(error.remote_type, '__main__.ServerOnlyError')
+            self.assertEqual(error.remote_message, 'secret')
+            self.assertIn('raise ServerOnlyError(message)', error.remote_traceback)
+            self.assertEqual(error.dopy_traceback[-1].name, 'raise_server_only')
+            self.assertEqual(p.echo('usable'), 'usable')
+
+    def test_result_class_only_the_server_has_is_a_client_side_serialization_error(self):
+        with ServerProcess() as server:
+            p = self.remote(server.port)
+            with self.assertRaises(dopy.SerializationError) as caught:
+                p.server_only_value()
+            self.assertIn('client', str(caught.exception))
+            self.assertEqual(p.echo('usable'), 'usable')
+
+    def test_server_killed_mid_call_fails_the_call_at_once_and_a_restart_reconnects(self):
+        server = ServerProcess()
+        port = server.port
+        p = self.remote(port, timeout=None)
+        first_pid = p.pid()
+        outcome = []
+
+        def call():
+            start = time.monotonic()
+            try:
+                p.slow(TIMEOUT * 3)
+            except dopy.CommunicationError as exc:
+                outcome.append((exc, time.monotonic() - start))
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        watcher = self.remote(port)
+        self.assertTrue(watcher.wait_until_slow_started(TIMEOUT))
+        killed_at = time.monotonic()
+        server.kill()
+        caller.join(TIMEOUT)
+        self.assertFalse(caller.is_alive())
+        self.assertEqual(len(outcome), 1)
+        self.assertIsInstance(outcome[0][0], dopy.ConnectionLostError)
+        self.assertLess(time.monotonic() - killed_at, 2.0)
+        with ServerProcess(port) as again:
+            self.assertNotEqual(p.pid(), first_pid)
+            self.assertEqual(p.echo('after restart'), 'after restart')
+            self.assertEqual(again.port, port)
+
+
+if __name__ == '__main__':
+    unittest.main()

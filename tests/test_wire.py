@@ -1,0 +1,170 @@
+"""The wire format, without sockets: frames in, bytes out, and back, whatever the chunking."""
+
+import pickle
+import struct
+import unittest
+
+from dopy import wire
+from dopy.errors import MessageTooLargeError, ProtocolError
+
+
+def frames_of(decoder):
+    out = []
+    while (frame := decoder.next_frame()) is not None:
+        out.append(frame)
+    return out
+
+
+def decoded(frame):
+    return frame.kind, frame.request_id, wire.loads(frame.data, frame.buffers)
+
+
+MESSAGES = [
+    (wire.CALL, 1, ('obj', 'method', (1, 'two', [3.0]), {'k': None})),
+    (wire.REPLY, 2, {'result': b'\x00' * 100}),
+    (wire.ERROR, 2 ** 64 - 1, ('packed', 'error')),
+    (wire.REPLY, 0, None),
+]
+
+
+class FrameLayout(unittest.TestCase):
+    def test_header_is_24_bytes_at_the_documented_offsets(self):
+        data = wire.encode(wire.CALL, 0x0102030405060708, 'x')
+        self.assertEqual(data[0:4], b'DOPY')
+        self.assertEqual(data[4], wire.VERSION)
+        self.assertEqual(data[5], wire.CALL)
+        self.assertEqual(data[6:8], b'\x00\x00')
+        self.assertEqual(data[8:16], bytes([1, 2, 3, 4, 5, 6, 7, 8]))
+        self.assertEqual(struct.unpack('!Q', data[16:24])[0], len(data) - 24)
+        self.assertEqual(pickle.loads(data[24:]), 'x')
+
+    def test_small_message_is_one_segment(self):
+        data, buffers = wire.dumps(('o', 'm', (1,), {}))
+        self.assertEqual(len(wire.frame_segments(wire.CALL, 1, data, buffers)), 1)
+
+    def test_large_buffer_travels_out_of_band_as_its_own_segment(self):
+        payload = bytearray(range(256)) * 1024
+        data, buffers = wire.dumps(pickle.PickleBuffer(payload))
+        self.assertEqual(len(buffers), 1)
+        self.assertLess(len(data), 1000)
+        segments = wire.frame_segments(wire.REPLY, 5, data, buffers)
+        self.assertEqual(len(segments), 2)
+        self.assertEqual(bytes(segments[1]), payload)
+
+    def test_rejects_bad_kind_and_request_id_when_encoding(self):
+        with self.assertRaises(ValueError):
+            wire.frame_segments(99, 1, b'')
+        with self.assertRaises(ValueError):
+            wire.frame_segments(wire.CALL, -1, b'')
+        with self.assertRaises(ValueError):
+            wire.frame_segments(wire.CALL, 2 ** 64, b'')
+
+
+class Decoding(unittest.TestCase):
+    def test_every_message_fed_one_byte_at_a_time(self):
+        stream = b''.join(wire.encode(*m) for m in MESSAGES)
+        decoder = wire.Decoder()
+        got = []
+        for i in range(len(stream)):
+            decoder.feed(stream[i:i + 1])
+            got.extend(frames_of(decoder))
+        self.assertEqual([decoded(f) for f in got], MESSAGES)
+        self.assertEqual(decoder.pending, 0)
+
+    def test_many_messages_in_one_chunk(self):
+        stream = b''.join(wire.encode(*m) for m in MESSAGES * 50)
+        decoder = wire.Decoder()
+        decoder.feed(stream)
+        self.assertEqual([decoded(f) for f in frames_of(decoder)], MESSAGES * 50)
+
+    def test_truncated_input_yields_nothing_until_complete(self):
+        data = wire.encode(wire.REPLY, 3, list(range(100)))
+        for cut in (1, 4, 23, 24, 25, len(data) - 1):
+            decoder = wire.Decoder()
+            decoder.feed(data[:cut])
+            self.assertIsNone(decoder.next_frame(), f'cut at {cut}')
+            self.assertEqual(decoder.pending, cut)
+            decoder.feed(data[cut:])
+            self.assertEqual(decoded(decoder.next_frame()), (wire.REPLY, 3, list(range(100))))
+
+    def test_large_frame_fed_one_byte_then_in_chunks(self):
+        payload = bytearray(b'abc' * 200_000)
+        data, buffers = wire.dumps([pickle.PickleBuffer(payload), 'tail'])
+        stream = b''.join(bytes(s) for s in wire.frame_segments(wire.REPLY, 9, data, buffers))
+        stream += wire.encode(wire.REPLY, 10, 'next')
+        decoder = wire.Decoder()
+        for i in range(100):
+            decoder.feed(stream[i:i + 1])
+        for i in range(100, len(stream), 7777):
+            decoder.feed(stream[i:i + 7777])
+        first, second = frames_of(decoder)
+        value = wire.loads(first.data, first.buffers)
+        self.assertEqual(bytes(value[0]), bytes(payload))
+        self.assertEqual(value[1], 'tail')
+        self.assertEqual(decoded(second), (wire.REPLY, 10, 'next'))
+
+    def test_large_payload_is_received_in_place_with_get_buffer(self):
+        payload = bytearray(b'\x5a' * (3 << 20))
+        data, buffers = wire.dumps(pickle.PickleBuffer(payload))
+        stream = memoryview(b''.join(bytes(s) for s in wire.frame_segments(wire.REPLY, 1, data, buffers)))
+        decoder = wire.Decoder()
+        position = 0
+        while position < len(stream):
+            target = decoder.get_buffer()
+            self.assertGreater(len(target), 0)
+            n = min(len(target), len(stream) - position, 1 << 20)
+            target[:n] = stream[position:position + n]
+            position += n
+            decoder.advance(n)
+        frame = decoder.next_frame()
+        self.assertEqual(bytes(wire.loads(frame.data, frame.buffers)), bytes(payload))
+
+
+class Refusals(unittest.TestCase):
+    def header(self, magic=b'DOPY', version=wire.VERSION, kind=wire.CALL, nbuf=0, rid=1, length=0):
+        return wire.HEADER.pack(magic, version, kind, nbuf, rid, length)
+
+    def assert_refused(self, data, error=ProtocolError, max_size=wire.DEFAULT_MAX_MESSAGE_SIZE):
+        decoder = wire.Decoder(max_size)
+        with self.assertRaises(error) as caught:
+            decoder.feed(data)
+        return caught.exception
+
+    def test_wrong_magic(self):
+        error = self.assert_refused(self.header(magic=b'HTTP'))
+        self.assertIn('magic', str(error))
+
+    def test_wrong_magic_is_refused_before_a_whole_header_arrives(self):
+        self.assert_refused(b'GET / HTTP/1.1\r\n')
+
+    def test_wrong_version(self):
+        error = self.assert_refused(self.header(version=wire.VERSION + 1))
+        self.assertIn('version', str(error))
+
+    def test_unknown_kind(self):
+        self.assert_refused(self.header(kind=200))
+
+    def test_oversized_frame_refused_from_its_header_alone(self):
+        error = self.assert_refused(self.header(length=2 ** 60), MessageTooLargeError)
+        self.assertIn(str(2 ** 60), str(error))
+
+    def test_size_limit_is_the_decoders_setting(self):
+        self.assert_refused(self.header(length=1001), MessageTooLargeError, max_size=1000)
+        decoder = wire.Decoder(1000)
+        decoder.feed(wire.encode(wire.REPLY, 1, b'x' * 900))
+        self.assertIsNotNone(decoder.next_frame())
+
+    def test_buffer_table_longer_than_the_frame(self):
+        self.assert_refused(self.header(nbuf=3, length=8))
+
+    def test_buffer_lengths_past_the_end_of_the_frame(self):
+        table = struct.pack('!Q', 1000)
+        self.assert_refused(self.header(nbuf=1, length=len(table) + 4) + table + b'abcd')
+
+    def test_negative_limit_is_a_value_error(self):
+        with self.assertRaises(ValueError):
+            wire.Decoder(-1)
+
+
+if __name__ == '__main__':
+    unittest.main()
