@@ -30,6 +30,9 @@ def run(namespace, fd, wake_fd):
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(wake_fd, select.POLLIN)
+    # Lines already read must not run once the hub has been shut down.
+    wake_poller = select.poll()
+    wake_poller.register(wake_fd, select.POLLIN)
     pending = ''
     more = False
     try:
@@ -51,6 +54,8 @@ def run(namespace, fd, wake_fd):
                 pending += decoder.decode(chunk)
             line, pending = pending.split('\n', 1)
             more = console.push(line)
+            if wake_poller.poll(0):
+                return
     except KeyboardInterrupt:
         if interactive:
             _prompt('\n')

@@ -115,6 +115,12 @@ class Scripts(HubCase):
         self.assertEqual(server.wait(TIMEOUT), 0)
         server.communicate()
 
+    def test_lines_after_a_typed_shutdown_do_not_run(self):
+        server, _ = start_dopyserver('--port', '0')
+        status, out, err = stop_with_input(server, 'print("before")\nhub.shutdown()\nprint("after")\n')
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out, 'before\n')
+
     def test_ctrl_c_stops_dopyserver_with_status_zero(self):
         server, port = start_dopyserver('--port', '0')
         server.send_signal(signal.SIGINT)
