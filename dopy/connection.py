@@ -9,6 +9,10 @@ arrives meanwhile.  When its own reply is in, it gives the role up to one of
 the others.  A call made while serving a call on the same connection reads
 in the same thread, so nested calls do not deadlock.
 
+A connection that must read while no thread waits (replies to futures,
+say) gets a reader thread of its own with ``start_reader``; it is the
+connection's, and ``close`` joins it.
+
 The socket is non-blocking; every wait is a ``poll`` bounded by the call's
 deadline (``time.monotonic()``; None means no limit).  Several threads may
 call at once: sends are serialised by a lock, and each call's reply is
@@ -24,6 +28,7 @@ import select
 import socket
 import threading
 import time
+from concurrent.futures import Future
 
 from . import dispatch, remote_exc, wire
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
@@ -52,13 +57,19 @@ def translate_os_error(exc, what):
 
 
 class _Waiter:
-    """The slot a call's reply (or the error that ended the connection) lands in."""
+    """The slot a call's reply (or the error that ended the connection) lands in.
 
-    __slots__ = ('frame', 'error')
+    A waiter with a ``future`` is resolved by whichever thread reads its reply.
+    """
 
-    def __init__(self):
+    __slots__ = ('frame', 'error', 'future', 'name', 'method')
+
+    def __init__(self, name, method, future=None):
         self.frame = None
         self.error = None
+        self.future = future
+        self.name = name
+        self.method = method
 
     @property
     def done(self):
@@ -84,6 +95,7 @@ class Connection:
         self._waiters = {}
         self._ids = itertools.count(1)
         self._reader = None
+        self._reader_thread = None
         self._closed = False
         self._retired = False
         self._error = None
@@ -114,21 +126,9 @@ class Connection:
         ``CommunicationError``.  The call is sent at most once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = _Waiter(name, method)
+        request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline)
         try:
-            data, buffers = wire.dumps((name, method, args, kwargs))
-        except Exception as exc:
-            raise SerializationError(
-                f'the arguments of {name}.{method}() could not be pickled on the client: '
-                f'{type(exc).__name__}: {exc}') from exc
-        request_id = next(self._ids)
-        segments = wire.frame_segments(wire.CALL, request_id, data, buffers)
-        waiter = _Waiter()
-        with self._cond:
-            if self._closed:
-                raise _fresh(self._error)
-            self._waiters[request_id] = waiter
-        try:
-            self._send(segments, deadline)
             self._wait_for(waiter, deadline)
         except CallTimeoutError:
             with self._cond:
@@ -137,19 +137,62 @@ class Connection:
                 raise CallTimeoutError(
                     f'no reply to {name}.{method}() from {self.peer} within {timeout} s; '
                     'the call was not re-sent, and it may or may not have run') from None
-        except CommunicationError:
-            if waiter.error is None:
-                raise
         finally:
             if self._retired and not self._waiters:
                 self.close()
-        return self._outcome(waiter, name, method)
+        return self._outcome(waiter)
+
+    def call_async(self, name, method, args, kwargs, timeout=None):
+        """Send the call and return a ``concurrent.futures.Future`` of its outcome.
+
+        ``timeout`` bounds the sending only; ``future.result(timeout)``
+        bounds the wait for the reply.  Starts the reader thread.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = Future()
+        future.set_running_or_notify_cancel()
+        self.start_reader()
+        self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline)
+        return future
+
+    def call_oneway(self, name, method, args, kwargs, timeout=None):
+        """Send the call and return at once; no reply comes, and the server logs a failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._send_call(wire.ONEWAY, None, args, kwargs, deadline, name, method)
+
+    def _send_call(self, kind, waiter, args, kwargs, deadline, name=None, method=None):
+        if waiter is not None:
+            name, method = waiter.name, waiter.method
+        try:
+            data, buffers = wire.dumps((name, method, args, kwargs))
+        except Exception as exc:
+            raise SerializationError(
+                f'the arguments of {name}.{method}() could not be pickled on the client: '
+                f'{type(exc).__name__}: {exc}') from exc
+        request_id = next(self._ids)
+        segments = wire.frame_segments(kind, request_id, data, buffers)
+        if waiter is not None:
+            with self._cond:
+                if self._closed:
+                    raise _fresh(self._error)
+                self._waiters[request_id] = waiter
+        self._send(segments, deadline)
+        return request_id
+
+    def start_reader(self):
+        """Read in a thread of the connection's own from now on. Idempotent."""
+        with self._cond:
+            if self._reader_thread is not None or self._closed:
+                return
+            self._reader_thread = threading.Thread(
+                target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
+        self._reader_thread.start()
 
     def serve(self):
-        """Serve the peer's calls in this thread until the peer leaves or ``close()``."""
+        """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
         with self._cond:
-            if self._reader is not None:
-                raise RuntimeError(f'{self!r} is already being read')
+            while self._reader is not None and not self._closed:
+                self._cond.wait()
             self._reader = threading.get_ident()
         try:
             while True:
@@ -199,14 +242,21 @@ class Connection:
         if idle:
             self.close()
 
-    def close(self):
-        """Close the connection; calls waiting on it get ``ConnectionClosedError``. Idempotent."""
-        self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
+    def close(self, timeout=None):
+        """Close the connection; calls waiting on it get ``ConnectionClosedError``. Idempotent.
 
-    def _outcome(self, waiter, name, method):
+        Joins the reader thread, if there is one, waiting at most ``timeout``
+        seconds for a callback it may be running.
+        """
+        self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
+        thread = self._reader_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _outcome(self, waiter):
         if waiter.error is not None:
             raise _fresh(waiter.error)
-        frame = waiter.frame
+        name, method, frame = waiter.name, waiter.method, waiter.frame
         what = 'result' if frame.kind == wire.REPLY else 'exception'
         try:
             value = wire.loads(frame.data, frame.buffers)
@@ -252,17 +302,24 @@ class Connection:
                     self._close_socket()
 
     def _handle(self, frame):
-        if frame.kind == wire.CALL:
+        kind = frame.kind
+        if kind == wire.CALL:
             self._send(dispatch.handle_call(self._lookup, frame), None)
+            return
+        if kind == wire.ONEWAY:
+            dispatch.handle_oneway(self._lookup, frame)
             return
         with self._cond:
             waiter = self._waiters.pop(frame.request_id, None)
             if waiter is not None:
                 waiter.frame = frame
-                self._cond.notify_all()
+                if waiter.future is None:
+                    self._cond.notify_all()
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
                       '(it came after a timeout)', frame.request_id, self.peer)
+        elif waiter.future is not None:
+            _resolve(waiter.future, self._outcome, waiter)
 
     def _read_frame(self, deadline):
         decoder = self._decoder
@@ -367,6 +424,9 @@ class Connection:
                 waiter.error = error
             self._cond.notify_all()
             reading = self._reader is not None
+        for waiter in waiters.values():
+            if waiter.future is not None:
+                waiter.future.set_exception(_fresh(error))
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -388,6 +448,13 @@ def _remaining(deadline):
     if remaining <= 0:
         raise CallTimeoutError('timed out waiting for the reply')
     return remaining
+
+
+def _resolve(future, outcome, waiter):
+    try:
+        future.set_result(outcome(waiter))
+    except BaseException as exc:  # the remote exception is the future's outcome
+        future.set_exception(exc)
 
 
 def _fresh(error):

@@ -15,7 +15,7 @@ import logging
 from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
-__all__ = ['check_method_name', 'resolve', 'handle_call']
+__all__ = ['check_method_name', 'resolve', 'handle_call', 'handle_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
 _MISSING = object()
@@ -52,24 +52,50 @@ def handle_call(lookup, frame, loads=wire.loads, dumps=wire.dumps):
     """
     request_id = frame.request_id
     try:
-        name, method_name, args, kwargs = _load_call(frame, loads)
-        method = resolve(lookup(name), method_name)
-    except Exception as exc:
-        log.debug('refused call %d: %s', request_id, exc)
-        return error_reply(request_id, exc, None, dumps)
-    try:
-        result = method(*args, **kwargs)
-    except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
-        log.debug('%s.%s raised %r', name, method_name, exc)
-        return error_reply(request_id, exc, exc.__traceback__.tb_next, dumps)
+        label, result = _run(lookup, frame, loads)
+    except _Failed as failed:
+        return error_reply(request_id, failed.exc, failed.tb, dumps)
     try:
         data, buffers = dumps(result)
     except Exception as exc:
         error = SerializationError(
-            f'the result of {name}.{method_name}() could not be pickled on the server: '
+            f'the result of {label}() could not be pickled on the server: '
             f'{type(exc).__name__}: {exc}')
         return error_reply(request_id, error, None, dumps)
     return wire.frame_segments(wire.REPLY, request_id, data, buffers)
+
+
+def handle_oneway(lookup, frame, loads=wire.loads):
+    """Run the ONEWAY ``frame``; its failure has no caller to go to, so it is logged."""
+    try:
+        _run(lookup, frame, loads)
+    except _Failed as failed:
+        log.warning('oneway call %d failed: %s', frame.request_id,
+                    remote_exc.pack(failed.exc, failed.tb)[4].rstrip())
+
+
+class _Failed(Exception):
+    """How ``_run`` hands back a refused or failed call, with the frames worth showing."""
+
+    def __init__(self, exc, tb):
+        super().__init__(exc)
+        self.exc = exc
+        self.tb = tb
+
+
+def _run(lookup, frame, loads):
+    try:
+        name, method_name, args, kwargs = _load_call(frame, loads)
+        method = resolve(lookup(name), method_name)
+    except Exception as exc:
+        log.debug('refused call %d: %s', frame.request_id, exc)
+        raise _Failed(exc, None) from None
+    label = f'{name}.{method_name}'
+    try:
+        return label, method(*args, **kwargs)
+    except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
+        log.debug('%s raised %r', label, exc)
+        raise _Failed(exc, exc.__traceback__.tb_next) from None
 
 
 def error_reply(request_id, exc, tb, dumps=wire.dumps):

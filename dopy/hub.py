@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 
 from . import wire
@@ -156,10 +157,11 @@ class Hub:
                 os.write(self._wake_w, b'x')
             servers = list(self._servers)
             connections = list(self._connections)
+        deadline = time.monotonic() + timeout
         for server in servers:
-            server.close(timeout)
+            server.close(max(0.0, deadline - time.monotonic()))
         for connection in connections:
-            connection.close()
+            connection.close(max(0.0, deadline - time.monotonic()))
         log.debug('hub shut down')
 
     def _add_server(self, server):

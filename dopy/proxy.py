@@ -95,11 +95,12 @@ class RemoteObject:
     def __exit__(self, *exc_info):
         self._dopy_link.close()
 
-    def _dopy_call(self, method, args, kwargs):
+    def _dopy_call(self, method, args, kwargs, how='call'):
         link = self._dopy_link
         connection = link.get()
         try:
-            return connection.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            return getattr(connection, _CALLS[how])(
+                self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CallTimeoutError:
             link.drop(connection, retire=True)
             raise
@@ -109,8 +110,16 @@ class RemoteObject:
             raise
 
 
+_CALLS = {'call': 'call', 'future': 'call_async', 'oneway': 'call_oneway'}
+
+
 class _Method:
-    """A remote method of a proxy: calling it makes the call."""
+    """A remote method of a proxy: calling it makes the call and waits for the result.
+
+    ``future(...)`` makes the call without waiting and returns a
+    ``concurrent.futures.Future``; ``oneway(...)`` sends it and wants no
+    reply at all (a failure is logged by the server).
+    """
 
     __slots__ = ('_proxy', '_name')
 
@@ -120,6 +129,14 @@ class _Method:
 
     def __call__(self, /, *args, **kwargs):
         return self._proxy._dopy_call(self._name, args, kwargs)
+
+    def future(self, /, *args, **kwargs):
+        """Start the call and return a ``concurrent.futures.Future`` of its result."""
+        return self._proxy._dopy_call(self._name, args, kwargs, 'future')
+
+    def oneway(self, /, *args, **kwargs):
+        """Send the call and return None at once, without waiting for it to run."""
+        self._proxy._dopy_call(self._name, args, kwargs, 'oneway')
 
     def __repr__(self):
         return f'<remote method {self._name} of {self._proxy!r}>'

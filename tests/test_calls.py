@@ -204,6 +204,59 @@ class Threads(HubCase):
         self.assertEqual(result, ['late'])
 
 
+class Pipelining(HubCase):
+    def setUp(self):
+        super().setUp()
+        self.service = Service()
+        self.p = self.serve(self.service)
+
+    def test_many_futures_in_flight_each_get_their_own_result(self):
+        futures = [self.p.add.future(i, b=1) for i in range(500)]
+        self.assertEqual([f.result(TIMEOUT) for f in futures], [i + 1 for i in range(500)])
+
+    def test_future_carries_the_remote_exception(self):
+        future = self.p.fail.future('via future')
+        with self.assertRaises(KeyError) as caught:
+            future.result(TIMEOUT)
+        self.assertEqual(caught.exception.dopy_traceback[-1].name, 'fail')
+
+    def test_future_fails_when_the_connection_is_lost(self):
+        future = self.p.wait_for_release.future('never')
+        self.assertTrue(self.service.started.wait(TIMEOUT))
+        with self.assertLogs('dopy', 'WARNING'):
+            self.server.close(timeout=0.1)
+        with self.assertRaises(dopy.ConnectionLostError):
+            future.result(TIMEOUT)
+        self.service.release.set()
+
+    def test_sync_calls_still_work_beside_futures(self):
+        future = self.p.echo.future('async')
+        self.assertEqual(self.p.echo('sync'), 'sync')
+        self.assertEqual(future.result(TIMEOUT), 'async')
+
+    def test_oneway_runs_in_order_before_a_later_call(self):
+        seen = []
+        self.hub.addObject('log', type('Log', (), {'add': lambda self, x: seen.append(x),
+                                                   'count': lambda self: len(seen)})())
+        log = self.proxy('log')
+        for i in range(100):
+            self.assertIsNone(log.add.oneway(i))
+        self.assertEqual(log.count(), 100)
+        self.assertEqual(seen, list(range(100)))
+
+    def test_oneway_failure_is_logged_by_the_server(self):
+        with self.assertLogs('dopy', 'WARNING') as logs:
+            self.p.fail.oneway('nobody waits')
+            self.assertEqual(self.p.echo('after'), 'after')
+        self.assertIn("KeyError: 'nobody waits'", '\n'.join(logs.output))
+
+    def test_the_reader_thread_is_joined_at_shutdown(self):
+        self.assertEqual(self.p.echo.future(1).result(TIMEOUT), 1)
+        self.assertTrue(any(t.name.startswith('dopy-reader') for t in threading.enumerate()))
+        self.hub.shutdown()
+        self.assertFalse(any(t.name.startswith('dopy-') for t in threading.enumerate()))
+
+
 class Timeouts(HubCase):
     def test_timeout_raises_and_the_next_call_gets_its_own_reply(self):
         service = Service()
