@@ -6,12 +6,12 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
                      NoSuchMethodError, NoSuchObjectError, ProtocolError, RemoteError,
                      SerializationError)
 from .hub import Hub, getHub, init
-from .proxy import RemoteObject, close
+from .proxy import Ref, RemoteObject, close, ref
 
 __version__ = '1.0.0'
 
 __all__ = [
-    'Hub', 'getHub', 'init', 'RemoteObject', 'close', 'tb', 'tcp',
+    'Hub', 'getHub', 'init', 'RemoteObject', 'Ref', 'ref', 'close', 'tb', 'tcp',
     'DopyError', 'CommunicationError', 'ConnectionClosedError', 'ConnectionLostError',
     'CallTimeoutError', 'ProtocolError', 'MessageTooLargeError', 'SerializationError',
     'NoSuchObjectError', 'NoSuchMethodError', 'RemoteError',

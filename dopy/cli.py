@@ -1,6 +1,7 @@
 """The ``dopyserver`` and ``dopyclient`` programs, as functions that return an exit status."""
 
 import argparse
+import logging
 import sys
 
 from . import tcp
@@ -46,6 +47,7 @@ def server_main(argv=None):
     parser.add_argument('--port', type=int, default=tcp.DEFAULT_PORT,
                         help='TCP port (default %(default)s; 0 picks a free one)')
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
     hub = getHub()
     test = TestObject()
     hub.addObject(TEST_OBJECT_NAME, test)
@@ -54,16 +56,22 @@ def server_main(argv=None):
     except (CommunicationError, ValueError) as exc:
         print(f'dopyserver: {exc}', file=sys.stderr)
         return 1
-    print(f'dopyserver: serving "{TEST_OBJECT_NAME}" on {server.address}', file=sys.stderr, flush=True)
+    banner = f'dopyserver: serving "{TEST_OBJECT_NAME}" on {server.address}'
     names = {'server': server, 'test': test}
     if sys.flags.interactive:
         # python -i dopyserver: Python's own prompt is the console, with the
         # same names at hand, and the server goes on serving from its threads
         # until the interpreter exits.
         vars(sys.modules['__main__']).update(names, hub=hub, dopy=sys.modules[__package__])
+        print(banner, file=sys.stderr, flush=True)
         return 0
     try:
+        # The banner is printed in here so that a Ctrl-C as soon as it shows
+        # is already a clean stop.
+        print(banner, file=sys.stderr, flush=True)
         hub.mainloop(namespace=names)
+    except KeyboardInterrupt:
+        pass
     finally:
         hub.shutdown()
     return 0

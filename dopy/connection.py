@@ -18,6 +18,14 @@ deadline (``time.monotonic()``; None means no limit).  Several threads may
 call at once: sends are serialised by a lock, and each call's reply is
 found by its request id, so a late reply never answers a later call.
 
+The connection also keeps the references that travel over it (see
+``dopy.proxy``): the local objects it exported for the peer, each counted
+by how many times it was sent, and the proxies it made for the peer's
+exports.  When such a proxy is garbage, the count it received goes back to
+the peer in a RELEASE frame, sent before the next frame, and the peer drops
+the object once every reference it sent is released.  Nothing outlives the
+connection.
+
 This is the only module that translates ``OSError`` into DOPY's errors.
 """
 
@@ -28,11 +36,14 @@ import select
 import socket
 import threading
 import time
+import weakref
+from collections import deque
 from concurrent.futures import Future
 
-from . import dispatch, remote_exc, wire
+from . import dispatch, proxy, remote_exc, wire
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
-                     ConnectionLostError, ProtocolError, SerializationError)
+                     ConnectionLostError, NoSuchObjectError, ProtocolError,
+                     SerializationError)
 
 __all__ = ['Connection', 'translate_os_error']
 
@@ -40,6 +51,7 @@ log = logging.getLogger('dopy.connection')
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
+_serials = itertools.count(1)
 
 
 def translate_os_error(exc, what):
@@ -57,23 +69,22 @@ def translate_os_error(exc, what):
 
 
 class _Waiter:
-    """The slot a call's reply (or the error that ended the connection) lands in.
+    """Where a call's outcome lands: its result, or the exception to raise for it.
 
-    A waiter with a ``future`` is resolved by whichever thread reads its reply.
+    The thread that reads the reply unpickles it before it reads on, so
+    that a reference in a reply is resolved before any RELEASE behind it.
+    A waiter with a ``future`` resolves the future instead.
     """
 
-    __slots__ = ('frame', 'error', 'future', 'name', 'method')
+    __slots__ = ('done', 'value', 'error', 'future', 'name', 'method')
 
     def __init__(self, name, method, future=None):
-        self.frame = None
+        self.done = False
+        self.value = None
         self.error = None
         self.future = future
         self.name = name
         self.method = method
-
-    @property
-    def done(self):
-        return self.frame is not None or self.error is not None
 
 
 class Connection:
@@ -84,11 +95,13 @@ class Connection:
     messages.
     """
 
-    def __init__(self, sock, hub, peer):
+    def __init__(self, sock, hub, peer, local_ip=None):
         sock.setblocking(False)
         self.peer = peer
+        self.hub = hub
+        self._local_ip = local_ip
+        self._serial = next(_serials)
         self._sock = sock
-        self._lookup = hub.getObject
         self._decoder = wire.Decoder(hub.max_message_size)
         self._send_lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
@@ -96,6 +109,13 @@ class Connection:
         self._ids = itertools.count(1)
         self._reader = None
         self._reader_thread = None
+        self._serving = False
+        self._refs_lock = threading.Lock()
+        self._exports = {}
+        self._export_names = {}
+        self._export_ids = itertools.count(1)
+        self._imports = {}
+        self._released = deque()
         self._closed = False
         self._retired = False
         self._error = None
@@ -140,7 +160,9 @@ class Connection:
         finally:
             if self._retired and not self._waiters:
                 self.close()
-        return self._outcome(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
 
     def call_async(self, name, method, args, kwargs, timeout=None):
         """Send the call and return a ``concurrent.futures.Future`` of its outcome.
@@ -163,26 +185,28 @@ class Connection:
     def _send_call(self, kind, waiter, args, kwargs, deadline, name=None, method=None):
         if waiter is not None:
             name, method = waiter.name, waiter.method
-        try:
-            data, buffers = wire.dumps((name, method, args, kwargs))
-        except Exception as exc:
-            raise SerializationError(
-                f'the arguments of {name}.{method}() could not be pickled on the client: '
-                f'{type(exc).__name__}: {exc}') from exc
         request_id = next(self._ids)
-        segments = wire.frame_segments(kind, request_id, data, buffers)
-        if waiter is not None:
-            with self._cond:
-                if self._closed:
-                    raise _fresh(self._error)
-                self._waiters[request_id] = waiter
-        self._send(segments, deadline)
+        # Pickled under the send lock: a RELEASE queued meanwhile must not
+        # overtake a frame that already refers to the released object.
+        with self._send_lock:
+            try:
+                data, buffers = self._dumps((name, method, args, kwargs))
+            except Exception as exc:
+                raise SerializationError(
+                    f'the arguments of {name}.{method}() could not be pickled on the client: '
+                    f'{type(exc).__name__}: {exc}') from exc
+            if waiter is not None:
+                with self._cond:
+                    if self._closed:
+                        raise _fresh(self._error)
+                    self._waiters[request_id] = waiter
+            self._send(wire.frame_segments(kind, request_id, data, buffers), deadline)
         return request_id
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on. Idempotent."""
         with self._cond:
-            if self._reader_thread is not None or self._closed:
+            if self._reader_thread is not None or self._serving or self._closed:
                 return
             self._reader_thread = threading.Thread(
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
@@ -194,6 +218,7 @@ class Connection:
             while self._reader is not None and not self._closed:
                 self._cond.wait()
             self._reader = threading.get_ident()
+            self._serving = True
         try:
             while True:
                 self._handle(self._read_frame(None))
@@ -253,24 +278,131 @@ class Connection:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _outcome(self, waiter):
-        if waiter.error is not None:
-            raise _fresh(waiter.error)
-        name, method, frame = waiter.name, waiter.method, waiter.frame
+    def lookup(self, name):
+        """The local object a call names: exported on this connection, or published."""
+        if name.startswith('#'):
+            try:
+                return self._exports[name][0]
+            except KeyError:
+                raise NoSuchObjectError(
+                    f'reference {name} was never exported on this connection, or was released') from None
+        return self.hub.getObject(name)
+
+    def exported_object(self, name):
+        """The local object behind a reference the peer sent back (unpickling *yours*)."""
+        return self.lookup(name)
+
+    def export_count(self):
+        """How many local objects this connection holds for the peer."""
+        return len(self._exports)
+
+    def import_count(self):
+        """How many of the peer's exported objects this side still has proxies for."""
+        return len(self._imports)
+
+    def reduce_local(self, obj):
+        """Pickling a ``dopy.ref(obj)`` over this connection: *here*, by name or exported id."""
+        # The peer may call back while no thread here waits for a reply.
+        self.start_reader()
+        name = self.hub.published_name(obj)
+        if name is not None:
+            address = self.hub.advertised_address(self._local_ip) if self._local_ip else None
+            return proxy.rebuild_here, (name, address)
+        with self._refs_lock:
+            name = self._export_names.get(id(obj))
+            if name is None:
+                name = f'#{next(self._export_ids)}'
+                self._export_names[id(obj)] = name
+                self._exports[name] = [obj, 0]
+            self._exports[name][1] += 1
+        return proxy.rebuild_here, (name, None)
+
+    def reduce_proxy(self, remote):
+        """Pickling a proxy over this connection: *yours*, an address, or forwarded *here*."""
+        link = remote._dopy_link
+        if link.connection is self:
+            return proxy.rebuild_yours, (remote._dopy_name,)
+        if link.connect is not None:
+            return proxy.rebuild_address, (str(remote),)
+        return self.reduce_local(remote)
+
+    def import_proxy(self, name, address):
+        """Unpickling *here*: the proxy for the peer's object ``name``, calling over this connection."""
+        timeout = self.hub.call_timeout
+        if address is not None:
+            remote = self.hub.makeRemoteObject(f'{address}:{name}', timeout, connect=False)
+            return proxy.attach(remote, self)
+        ref = f'via:{self.peer}/{self._serial}:{name}'
+        if not name.startswith('#'):
+            return proxy.RemoteObject(ref, name, None, timeout, connection=self)
+        with self._refs_lock:
+            entry = self._imports.get(name)
+            remote = entry[0]() if entry is not None else None
+            if remote is None:
+                remote = proxy.RemoteObject(ref, name, None, timeout, connection=self)
+                received = [0]
+                self._imports[name] = (weakref.ref(remote), received)
+                # A finalizer may run inside any code, this lock's holder
+                # included: it only appends, and the counting is done later.
+                weakref.finalize(remote, self._released.append, (name, received))
+            else:
+                received = entry[1]
+            received[0] += 1
+        return remote
+
+    def _release_frame(self):
+        releases = []
+        with self._refs_lock:
+            while self._released:
+                name, received = self._released.popleft()
+                entry = self._imports.get(name)
+                if entry is not None and entry[1] is received:
+                    del self._imports[name]
+                releases.append((name, received[0]))
+        return b''.join(wire.frame_segments(wire.RELEASE, 0, *wire.dumps(releases)))
+
+    def _release_exports(self, frame):
+        try:
+            releases = wire.loads(frame.data, frame.buffers)
+            with self._refs_lock:
+                for name, count in releases:
+                    entry = self._exports.get(name)
+                    if entry is None:
+                        continue
+                    entry[1] -= count
+                    if entry[1] <= 0:
+                        del self._exports[name]
+                        self._export_names.pop(id(entry[0]), None)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
+
+    def _dumps(self, obj):
+        with proxy.wire_context(self):
+            return wire.dumps(obj)
+
+    def _loads(self, data, buffers):
+        with proxy.wire_context(self):
+            return wire.loads(data, buffers)
+
+    def _unpack(self, frame, name, method):
+        """A reply frame's ``(value, exception)``: the exception is built, not raised."""
         what = 'result' if frame.kind == wire.REPLY else 'exception'
         try:
-            value = wire.loads(frame.data, frame.buffers)
+            value = self._loads(frame.data, frame.buffers)
         except Exception as exc:
-            raise SerializationError(
+            error = SerializationError(
                 f'the {what} of {name}.{method}() could not be unpickled on the client: '
-                f'{type(exc).__name__}: {exc}') from exc
+                f'{type(exc).__name__}: {exc}')
+            error.__cause__ = exc
+            return None, error
         if frame.kind == wire.REPLY:
-            return value
+            return value, None
         try:
-            exc = remote_exc.unpack(value)
-        except (TypeError, ValueError) as bad:
-            raise ProtocolError(f'malformed exception in the reply to {name}.{method}()') from bad
-        raise exc
+            return None, remote_exc.unpack(value)
+        except (TypeError, ValueError) as exc:
+            error = ProtocolError(f'malformed exception in the reply to {name}.{method}()')
+            error.__cause__ = exc
+            return None, error
 
     def _wait_for(self, waiter, deadline):
         me = threading.get_ident()
@@ -304,22 +436,32 @@ class Connection:
     def _handle(self, frame):
         kind = frame.kind
         if kind == wire.CALL:
-            self._send(dispatch.handle_call(self._lookup, frame), None)
+            outcome = dispatch.run(self.lookup, frame, self._loads)
+            with self._send_lock:
+                self._send(dispatch.reply_segments(frame.request_id, outcome, self._dumps), None)
             return
         if kind == wire.ONEWAY:
-            dispatch.handle_oneway(self._lookup, frame)
+            dispatch.log_oneway(frame.request_id, dispatch.run(self.lookup, frame, self._loads))
+            return
+        if kind == wire.RELEASE:
+            self._release_exports(frame)
             return
         with self._cond:
             waiter = self._waiters.pop(frame.request_id, None)
-            if waiter is not None:
-                waiter.frame = frame
-                if waiter.future is None:
-                    self._cond.notify_all()
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
                       '(it came after a timeout)', frame.request_id, self.peer)
-        elif waiter.future is not None:
-            _resolve(waiter.future, self._outcome, waiter)
+            return
+        value, error = self._unpack(frame, waiter.name, waiter.method)
+        if waiter.future is not None:
+            if error is None:
+                waiter.future.set_result(value)
+            else:
+                waiter.future.set_exception(error)
+            return
+        with self._cond:
+            waiter.value, waiter.error, waiter.done = value, error, True
+            self._cond.notify_all()
 
     def _read_frame(self, deadline):
         decoder = self._decoder
@@ -353,6 +495,8 @@ class Connection:
                     self._send_all(segments[0], deadline)
                 else:
                     self._send_segments(segments, deadline)
+                if self._released:
+                    self._send_all(self._release_frame(), deadline)
             except CallTimeoutError:
                 self._shutdown(ConnectionLostError(
                     f'connection with {self.peer} closed: a send timed out part-way through a frame'))
@@ -421,12 +565,17 @@ class Connection:
             self._error = error
             waiters, self._waiters = self._waiters, {}
             for waiter in waiters.values():
-                waiter.error = error
+                if waiter.future is None:
+                    waiter.error, waiter.done = _fresh(error), True
             self._cond.notify_all()
             reading = self._reader is not None
         for waiter in waiters.values():
             if waiter.future is not None:
                 waiter.future.set_exception(_fresh(error))
+        with self._refs_lock:
+            self._exports.clear()
+            self._export_names.clear()
+            self._imports.clear()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -448,13 +597,6 @@ def _remaining(deadline):
     if remaining <= 0:
         raise CallTimeoutError('timed out waiting for the reply')
     return remaining
-
-
-def _resolve(future, outcome, waiter):
-    try:
-        future.set_result(outcome(waiter))
-    except BaseException as exc:  # the remote exception is the future's outcome
-        future.set_exception(exc)
 
 
 def _fresh(error):

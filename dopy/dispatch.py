@@ -5,9 +5,11 @@ name must be an identifier that does not start with ``_`` (so no dunders
 and no dotted paths), and it must name something callable: data attributes
 and properties are refused without being read.
 
-Nothing a caller does makes ``handle_call`` raise: a missing object, a
-refused name, arguments that do not unpickle, an exception in the method,
-a result that does not pickle, each becomes an ERROR reply.
+Nothing a caller does makes ``run`` or ``reply_segments`` raise: a missing
+object, a refused name, arguments that do not unpickle, an exception in the
+method, a result that does not pickle, each becomes an ERROR reply.  The
+two are apart so that the connection can pickle and send a reply in one
+step, without holding its send lock while the method runs.
 """
 
 import logging
@@ -15,14 +17,22 @@ import logging
 from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
-__all__ = ['check_method_name', 'resolve', 'handle_call', 'handle_oneway', 'error_reply']
+__all__ = ['CONTAINER_METHODS', 'Outcome', 'check_method_name', 'resolve', 'run',
+           'reply_segments', 'log_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
 _MISSING = object()
 
+# The only dunders dispatched: a proxy forwards these so that it can be
+# used like a container.  ``__iter__`` returns the items as one list.
+CONTAINER_METHODS = frozenset(
+    ('__len__', '__contains__', '__getitem__', '__setitem__', '__delitem__', '__iter__'))
+
 
 def check_method_name(name):
     """Raise ``NoSuchMethodError`` unless ``name`` may be dispatched."""
+    if isinstance(name, str) and name in CONTAINER_METHODS:
+        return
     if not isinstance(name, str) or not name.isidentifier() or name.startswith('_'):
         raise NoSuchMethodError(f'{name!r} is not a public method name: '
                                 'names starting with "_" and dotted names are never dispatched')
@@ -31,6 +41,8 @@ def check_method_name(name):
 def resolve(obj, name):
     """The bound method ``name`` of ``obj``, or ``NoSuchMethodError``."""
     check_method_name(name)
+    if name in CONTAINER_METHODS:
+        return _container_method(obj, name)
     class_attr = getattr(type(obj), name, _MISSING)
     if class_attr is not _MISSING and not callable(class_attr):
         raise NoSuchMethodError(f'{name!r} of {type(obj).__name__} is a data attribute, not a method')
@@ -43,59 +55,65 @@ def resolve(obj, name):
     return attr
 
 
-def handle_call(lookup, frame, loads=wire.loads, dumps=wire.dumps):
-    """Run the CALL ``frame`` and return the reply frame's segments.
-
-    ``lookup(name)`` finds a published object or raises
-    ``NoSuchObjectError``; ``loads`` and ``dumps`` are the connection's
-    pickling functions.
-    """
-    request_id = frame.request_id
-    try:
-        label, result = _run(lookup, frame, loads)
-    except _Failed as failed:
-        return error_reply(request_id, failed.exc, failed.tb, dumps)
-    try:
-        data, buffers = dumps(result)
-    except Exception as exc:
-        error = SerializationError(
-            f'the result of {label}() could not be pickled on the server: '
-            f'{type(exc).__name__}: {exc}')
-        return error_reply(request_id, error, None, dumps)
-    return wire.frame_segments(wire.REPLY, request_id, data, buffers)
+def _container_method(obj, name):
+    if getattr(type(obj), name, None) is None:
+        raise NoSuchMethodError(f'{type(obj).__name__} object does not support {name}')
+    if name == '__iter__':
+        return lambda: list(obj)
+    return getattr(obj, name)
 
 
-def handle_oneway(lookup, frame, loads=wire.loads):
-    """Run the ONEWAY ``frame``; its failure has no caller to go to, so it is logged."""
-    try:
-        _run(lookup, frame, loads)
-    except _Failed as failed:
-        log.warning('oneway call %d failed: %s', frame.request_id,
-                    remote_exc.pack(failed.exc, failed.tb)[4].rstrip())
+class Outcome:
+    """What running one call came to: a result, or an exception with the frames worth showing."""
 
+    __slots__ = ('label', 'ok', 'value', 'tb')
 
-class _Failed(Exception):
-    """How ``_run`` hands back a refused or failed call, with the frames worth showing."""
-
-    def __init__(self, exc, tb):
-        super().__init__(exc)
-        self.exc = exc
+    def __init__(self, label, ok, value, tb=None):
+        self.label = label
+        self.ok = ok
+        self.value = value
         self.tb = tb
 
 
-def _run(lookup, frame, loads):
+def run(lookup, frame, loads=wire.loads):
+    """Run the CALL or ONEWAY ``frame``; never raises for the caller's mistakes.
+
+    ``lookup(name)`` finds the object or raises ``NoSuchObjectError``;
+    ``loads`` is the connection's unpickling function.
+    """
     try:
         name, method_name, args, kwargs = _load_call(frame, loads)
         method = resolve(lookup(name), method_name)
     except Exception as exc:
         log.debug('refused call %d: %s', frame.request_id, exc)
-        raise _Failed(exc, None) from None
+        return Outcome(None, False, exc)
     label = f'{name}.{method_name}'
     try:
-        return label, method(*args, **kwargs)
+        return Outcome(label, True, method(*args, **kwargs))
     except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
         log.debug('%s raised %r', label, exc)
-        raise _Failed(exc, exc.__traceback__.tb_next) from None
+        return Outcome(label, False, exc, exc.__traceback__.tb_next)
+
+
+def reply_segments(request_id, outcome, dumps=wire.dumps):
+    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR."""
+    if not outcome.ok:
+        return error_reply(request_id, outcome.value, outcome.tb, dumps)
+    try:
+        data, buffers = dumps(outcome.value)
+    except Exception as exc:
+        error = SerializationError(
+            f'the result of {outcome.label}() could not be pickled on the server: '
+            f'{type(exc).__name__}: {exc}')
+        return error_reply(request_id, error, None, dumps)
+    return wire.frame_segments(wire.REPLY, request_id, data, buffers)
+
+
+def log_oneway(request_id, outcome):
+    """A oneway call's failure has no caller to go to: log it."""
+    if not outcome.ok:
+        log.warning('oneway call %d failed: %s', request_id,
+                    remote_exc.pack(outcome.value, outcome.tb)[4].rstrip())
 
 
 def error_reply(request_id, exc, tb, dumps=wire.dumps):

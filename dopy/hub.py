@@ -23,6 +23,8 @@ from .errors import ConnectionClosedError, DopyError, NoSuchObjectError
 __all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT']
 
 log = logging.getLogger('dopy.hub')
+# The application decides where DOPY's log goes; until it does, nowhere.
+logging.getLogger('dopy').addHandler(logging.NullHandler())
 
 # How long shutdown waits for a thread still running a remote method
 # before it leaves it behind (it is a daemon thread) and says so in the log.
@@ -45,14 +47,21 @@ class Hub:
     """The registry of published objects, and the owner of servers and connections.
 
     ``max_message_size`` bounds every frame this hub receives, in bytes.
+    ``call_timeout`` (seconds, or None for no limit) bounds the calls of
+    proxies this hub makes from references it receives or unpickles, which
+    have no ``remote(timeout=...)`` of their own.
     """
 
-    def __init__(self, *, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(self, *, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None):
         if not isinstance(max_message_size, int) or max_message_size <= 0:
             raise ValueError(f'max_message_size must be a positive int, not {max_message_size!r}')
-        self.settings = {'max_message_size': max_message_size}
+        if call_timeout is not None and not (isinstance(call_timeout, (int, float)) and call_timeout > 0):
+            raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
+        self.settings = {'max_message_size': max_message_size, 'call_timeout': call_timeout}
         self.max_message_size = max_message_size
+        self.call_timeout = call_timeout
         self._objects = {}
+        self._names = {}
         self._lock = threading.Lock()
         self._servers = set()
         self._connections = weakref.WeakSet()
@@ -69,19 +78,57 @@ class Hub:
         return self._closed.is_set()
 
     def addObject(self, name, obj):
-        """Publish ``obj`` under ``name``; a later call with the same name replaces it."""
+        """Publish ``obj`` under ``name``; a later call with the same name replaces it.
+
+        Names starting with ``#`` are taken by references exported for a call.
+        """
         if not isinstance(name, str) or not name:
             raise TypeError(f'an object name must be a non-empty str, not {name!r}')
+        if name.startswith('#'):
+            raise ValueError(f'object names starting with "#" are reserved: {name!r}')
         with self._lock:
+            old = self._objects.get(name)
+            if old is not None and self._names.get(id(old)) == name:
+                del self._names[id(old)]
             self._objects[name] = obj
+            self._names[id(obj)] = name
 
     def removeObject(self, name):
         """Stop publishing ``name``; ``NoSuchObjectError`` if it is not published."""
         with self._lock:
             try:
-                del self._objects[name]
+                obj = self._objects.pop(name)
             except KeyError:
                 raise NoSuchObjectError(f'no object named {name!r} is published') from None
+            if self._names.get(id(obj)) == name:
+                del self._names[id(obj)]
+
+    def published_name(self, obj):
+        """The name ``obj`` is published under, or None."""
+        name = self._names.get(id(obj))
+        return name if name is not None and self._objects.get(name) is obj else None
+
+    def advertised_address(self, local_ip):
+        """``tcp:HOST:PORT`` of a server of this hub that a peer reaching ``local_ip`` can reach, or None."""
+        with self._lock:
+            servers = list(self._servers)
+        for server in servers:
+            address = server.advertise(local_ip)
+            if address is not None:
+                return address
+        return None
+
+    def stats(self):
+        """Counts for watching a long-running hub: objects, servers, connections, references."""
+        with self._lock:
+            connections = list(self._connections)
+            for server in self._servers:
+                connections.extend(server.connections())
+            counts = {'objects': len(self._objects), 'servers': len(self._servers),
+                      'connections': len(connections)}
+        counts['exported_references'] = sum(c.export_count() for c in connections)
+        counts['imported_references'] = sum(c.import_count() for c in connections)
+        return counts
 
     def getObject(self, name):
         """The local object published under ``name``, or ``NoSuchObjectError``."""

@@ -1,30 +1,104 @@
-"""``RemoteObject``, the proxy: attribute access makes method stubs that call the remote object.
+"""References to objects in other hubs: ``RemoteObject`` (the proxy), ``ref``, and how both travel.
 
-A proxy owns its connection and opens a new one when the old one is gone:
-after the peer went away, or after a call timed out (so a late reply, or a
-server still busy with the abandoned call, never holds up the next call).
-Nothing is ever re-sent: the call that met the failure raises, and only the
-next call reconnects.  A proxy is safe to share between threads; their calls
-travel side by side on the one connection.
+A proxy turns attribute access into method stubs that call the remote
+object.  It reaches that object over a connection it owns (one it opened
+from a reference string) or over the connection that brought it (a
+reference that arrived inside a call or a reply).  An owned connection is
+replaced when it is gone: after the peer went away, or after a call timed
+out (so a late reply, or a server still busy with the abandoned call, never
+holds up the next call).  Nothing is ever re-sent: the call that met the
+failure raises, and only the next call reconnects.  A proxy is safe to
+share between threads; their calls travel side by side on one connection.
+
+How references travel.  Pickled by a connection (see ``wire_context``), a
+proxy or a ``ref`` becomes one of:
+
+- *here*: an object of the sender, named by its published name or by an id
+  the sending connection exported it under; the receiver gets a proxy that
+  calls back over the same connection, so no listening port is needed;
+- *yours*: a proxy for an object of the receiver's own, which the receiver
+  gets back as the object itself;
+- *address*: a reference string any hub can connect to.
+
+Pickled anywhere else (``pickle.dumps``, a persistent store), a proxy
+becomes its reference string, which needs an address: a proxy that can only
+be reached over the connection that brought it does not pickle there.
 """
 
+import pickle
 import threading
 import weakref
 
 from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError
 from .hub import getHub
 
-__all__ = ['RemoteObject', 'close']
+__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_context', 'attach',
+           'rebuild_here', 'rebuild_yours', 'rebuild_address']
+
+_context = threading.local()
+
+
+class wire_context:
+    """While active in a thread, references pickle and unpickle for ``connection``."""
+
+    __slots__ = ('connection', 'saved')
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def __enter__(self):
+        self.saved = getattr(_context, 'connection', None)
+        _context.connection = self.connection
+
+    def __exit__(self, *exc_info):
+        _context.connection = self.saved
+
+
+def _current_connection():
+    return getattr(_context, 'connection', None)
+
+
+class Ref:
+    """A reference to a local object, made by ``dopy.ref(obj)``, for sending."""
+
+    __slots__ = ('obj',)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __repr__(self):
+        return f'<dopy.ref to {self.obj!r}>'
+
+    def __eq__(self, other):
+        return isinstance(other, Ref) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __reduce__(self):
+        connection = _current_connection()
+        if connection is None:
+            raise pickle.PicklingError(
+                f'{self!r} can only travel inside a DOPY call or reply')
+        return connection.reduce_local(self.obj)
+
+
+def ref(obj):
+    """A reference to ``obj`` for sending: the receiver gets a proxy whose calls run on ``obj`` here."""
+    if isinstance(obj, (Ref, RemoteObject)):
+        return obj
+    return Ref(obj)
 
 
 class _Link:
-    """A proxy's connection, and how to open a new one."""
+    """A proxy's connection, and how to open a new one (``connect`` is None if it cannot)."""
 
-    __slots__ = ('connect', 'connection', 'lock', 'closed', '__weakref__')
+    __slots__ = ('connect', 'connection', 'owned', 'lock', 'closed', '__weakref__')
 
-    def __init__(self, connect):
+    def __init__(self, connect, connection=None):
         self.connect = connect
-        self.connection = None
+        self.connection = connection
+        self.owned = connection is None
         self.lock = threading.Lock()
         self.closed = False
 
@@ -37,13 +111,19 @@ class _Link:
                 raise ConnectionClosedError('this proxy was closed')
             connection = self.connection
             if connection is None or connection.retired or not connection.check_alive():
+                if self.connect is None:
+                    raise ConnectionClosedError(
+                        'the connection that brought this reference is closed, '
+                        'and the object has no address to reconnect to')
                 connection = self.connection = self.connect()
+                self.owned = True
             return connection
 
     def drop(self, connection, retire):
         with self.lock:
-            if self.connection is connection:
-                self.connection = None
+            if self.connection is not connection or not self.owned:
+                return
+            self.connection = None
         if retire:
             connection.retire()
 
@@ -51,28 +131,30 @@ class _Link:
         with self.lock:
             self.closed = True
             connection, self.connection = self.connection, None
-        if connection is not None:
+        if connection is not None and self.owned:
             connection.close()
 
 
 class RemoteObject:
-    """A proxy for an object published by another hub.
+    """A proxy for an object in another hub.
 
     Any public attribute is a method of the remote object: ``proxy.name(...)``
     runs ``name`` there, with arguments and result passed by copy.  Names
-    starting with ``_`` are not forwarded.  ``str()`` is the reference string
-    (``'tcp:host:port:name'``), which is also what a proxy pickles as.
-    Use it as a context manager, or call ``dopy.close(proxy)``, to close its
-    connection.
+    starting with ``_`` are not forwarded, except the container methods, so
+    that ``len(p)``, ``k in p``, ``p[k]``, ``p[k] = v``, ``del p[k]`` and
+    ``for x in p`` work when the remote object supports them.  ``str()`` is
+    the reference string (``'tcp:host:port:name'``); proxies with equal
+    reference strings are equal.  Use it as a context manager, or call
+    ``dopy.close(proxy)``, to close the connection it owns.
     """
 
     __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '__weakref__')
 
-    def __init__(self, ref, name, connect, timeout=None):
+    def __init__(self, ref, name, connect, timeout=None, connection=None):
         self._dopy_ref = ref
         self._dopy_name = name
         self._dopy_timeout = timeout
-        self._dopy_link = _Link(connect)
+        self._dopy_link = _Link(connect, connection)
         weakref.finalize(self, self._dopy_link.close)
 
     def __getattr__(self, name):
@@ -86,7 +168,44 @@ class RemoteObject:
     def __repr__(self):
         return f'<dopy.RemoteObject {self._dopy_ref}>'
 
+    def __eq__(self, other):
+        if not isinstance(other, RemoteObject):
+            return NotImplemented
+        return self._dopy_ref == other._dopy_ref
+
+    def __hash__(self):
+        return hash(self._dopy_ref)
+
+    def __bool__(self):
+        # Without this, truth would ask the remote object for its len().
+        return True
+
+    def __len__(self):
+        return self._dopy_call('__len__', (), {})
+
+    def __contains__(self, item):
+        return self._dopy_call('__contains__', (item,), {})
+
+    def __getitem__(self, key):
+        return self._dopy_call('__getitem__', (key,), {})
+
+    def __setitem__(self, key, value):
+        self._dopy_call('__setitem__', (key, value), {})
+
+    def __delitem__(self, key):
+        self._dopy_call('__delitem__', (key,), {})
+
+    def __iter__(self):
+        return iter(self._dopy_call('__iter__', (), {}))
+
     def __reduce__(self):
+        connection = _current_connection()
+        if connection is not None:
+            return connection.reduce_proxy(self)
+        if self._dopy_link.connect is None:
+            raise pickle.PicklingError(
+                f'{self!r} can only be reached over the connection that brought it, '
+                'so it cannot be pickled outside a DOPY call')
         return _rebuild, (self._dopy_ref,)
 
     def __enter__(self):
@@ -143,11 +262,37 @@ class _Method:
 
 
 def close(proxy):
-    """Close the connection of ``proxy``; later calls on it raise ``ConnectionClosedError``."""
+    """Close the connection ``proxy`` owns; later calls on it raise ``ConnectionClosedError``."""
     if not isinstance(proxy, RemoteObject):
         raise TypeError(f'not a dopy.RemoteObject: {proxy!r}')
     proxy._dopy_link.close()
 
 
+def attach(proxy, connection):
+    """Let ``proxy`` call over ``connection``, which it does not own, until that closes."""
+    link = proxy._dopy_link
+    with link.lock:
+        link.connection = connection
+        link.owned = False
+    return proxy
+
+
+def rebuild_address(ref):
+    """Unpickling *address*: a proxy that connects to ``ref`` on its first call."""
+    return _rebuild(ref)
+
+
 def _rebuild(ref):
-    return getHub().makeRemoteObject(ref, connect=False)
+    connection = _current_connection()
+    hub = connection.hub if connection is not None else getHub()
+    return hub.makeRemoteObject(ref, hub.call_timeout, connect=False)
+
+
+def rebuild_here(name, address):
+    """Unpickling *here*: a proxy over the receiving connection."""
+    return _current_connection().import_proxy(name, address)
+
+
+def rebuild_yours(name):
+    """Unpickling *yours*: the receiver's own exported object."""
+    return _current_connection().exported_object(name)

@@ -123,6 +123,20 @@ class TCPServer:
             self._close_fds()
         log.info('stopped serving on %s', self.address)
 
+    def connections(self):
+        """The connections this server is serving now."""
+        with self._lock:
+            return list(self._workers)
+
+    def advertise(self, local_ip):
+        """``tcp:IP:PORT`` if a peer that reached this host at ``local_ip`` can reach this server."""
+        if self._closed:
+            return None
+        bound = self._sock.getsockname()[0]
+        if bound in ('0.0.0.0', '::') or _same_ip(bound, local_ip):
+            return f'tcp:{_format_host(_plain_ip(local_ip))}:{self.port}'
+        return None
+
     def _close_fds(self):
         self._sock.close()
         os.close(self._wake_r)
@@ -154,7 +168,7 @@ class TCPServer:
     def _start_worker(self, sock, address):
         _tune(sock)
         peer = f'{_format_host(address[0])}:{address[1]}'
-        connection = Connection(sock, self.hub, peer)
+        connection = Connection(sock, self.hub, peer, local_ip=sock.getsockname()[0])
         thread = threading.Thread(target=self._serve, args=(connection,),
                                   name=f'dopy-conn-{peer}', daemon=True)
         with self._lock:
@@ -192,6 +206,14 @@ def _tune(sock):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def _plain_ip(ip):
+    return ip[7:] if ip.startswith('::ffff:') else ip
+
+
+def _same_ip(a, b):
+    return _plain_ip(a) == _plain_ip(b)
+
+
 def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
@@ -214,7 +236,7 @@ def _proxy(hub, host, port, name, timeout):
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
-        connection = Connection(sock, hub, address)
+        connection = Connection(sock, hub, address, local_ip=sock.getsockname()[0])
         try:
             hub._add_connection(connection)
         except CommunicationError:

@@ -8,7 +8,7 @@ offset  size  field
 ======  ====  ==========================================================
 0       4     magic, the bytes ``DOPY``
 4       1     version, currently 1
-5       1     kind: 1 CALL, 2 REPLY, 3 ERROR, 4 ONEWAY
+5       1     kind: 1 CALL, 2 REPLY, 3 ERROR, 4 ONEWAY, 5 RELEASE
 6       2     number of out-of-band buffers, *n*
 8       8     request id: chosen by the caller, echoed by the reply
 16      8     payload length: the bytes that follow the header
@@ -25,7 +25,9 @@ The pickle of each kind holds:
 - CALL: the tuple ``(object_name, method_name, args, kwargs)``;
 - REPLY: the method's result;
 - ERROR: an exception packed by ``dopy.remote_exc.pack``;
-- ONEWAY: a CALL that wants no reply, and gets none.
+- ONEWAY: a CALL that wants no reply, and gets none;
+- RELEASE: a list of ``(reference_id, count)``: references the sender no
+  longer holds (see ``dopy.connection``); no reply.
 
 A receiver checks the magic, the version, the kind and the declared payload
 length against its size limit *before* it allocates anything for the frame.
@@ -40,7 +42,7 @@ from collections import deque
 from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
-    'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'KINDS',
+    'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
     'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads',
     'frame_segments', 'encode',
 ]
@@ -54,7 +56,8 @@ CALL = 1
 REPLY = 2
 ERROR = 3
 ONEWAY = 4
-KINDS = frozenset((CALL, REPLY, ERROR, ONEWAY))
+RELEASE = 5
+KINDS = frozenset((CALL, REPLY, ERROR, ONEWAY, RELEASE))
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
 _MAX_REQUEST_ID = (1 << 64) - 1

@@ -44,7 +44,8 @@ def run(obj, name, method, args=(), kwargs=None, raw=None):
             raise NoSuchObjectError(key) from None
 
     data = raw if raw is not None else pickle.dumps((name, method, args, kwargs or {}))
-    segments = dispatch.handle_call(lookup, wire.Frame(wire.CALL, 42, data))
+    frame = wire.Frame(wire.CALL, 42, data)
+    segments = dispatch.reply_segments(42, dispatch.run(lookup, frame))
     decoder = wire.Decoder()
     for segment in segments:
         decoder.feed(segment)

@@ -1,0 +1,280 @@
+"""References that travel: proxies and dopy.ref() as arguments and results, callbacks, lifetime."""
+
+import gc
+import pickle
+import threading
+import unittest
+
+import dopy
+import dopy.tcp
+from tests.support import TIMEOUT, Case
+
+
+class Recorder:
+    """A callback target that remembers its calls and the thread that ran them."""
+
+    def __init__(self):
+        self.calls = []
+        self.called = threading.Event()
+
+    def ping(self, value):
+        self.calls.append(value)
+        self.called.set()
+        return ('pong', value, threading.get_ident())
+
+
+class Service:
+    def __init__(self):
+        self.saved = None
+        self.fired = threading.Event()
+
+    def call_back(self, callback, value):
+        return callback.ping(value)
+
+    def identity(self, value):
+        return value
+
+    def call_all(self, callbacks):
+        return [c.ping(i) for i, c in enumerate(callbacks)]
+
+    def save(self, callback):
+        self.saved = callback
+
+    def fire_later(self, value):
+        threading.Thread(target=lambda: (self.saved.ping(value), self.fired.set())).start()
+
+    def bounce(self, callback, depth):
+        return callback.bounce(depth)
+
+    def counter(self):
+        return dopy.ref(Counter())
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+
+class TwoHubs(Case):
+    """A server hub with a service, and a client hub with no server of its own."""
+
+    def setUp(self):
+        super().setUp()
+        self.server_hub = dopy.Hub()
+        self.client_hub = dopy.Hub()
+        self.addCleanup(self.server_hub.shutdown)
+        self.addCleanup(self.client_hub.shutdown)
+        self.service = Service()
+        self.server_hub.addObject('service', self.service)
+        self.server = dopy.tcp.makeServer(0, hub=self.server_hub)
+        self.p = self.remote('service')
+
+    def remote(self, name, hub=None, server=None):
+        server = server or self.server
+        proxy = dopy.tcp.remote('127.0.0.1', server.port, name, timeout=TIMEOUT,
+                                hub=hub or self.client_hub)
+        self.addCleanup(dopy.close, proxy)
+        return proxy
+
+
+class Callbacks(TwoHubs):
+    def test_a_ref_arrives_as_a_proxy_whose_calls_run_here(self):
+        recorder = Recorder()
+        kind, value, thread = self.p.call_back(dopy.ref(recorder), 7)
+        self.assertEqual((kind, value), ('pong', 7))
+        self.assertEqual(recorder.calls, [7])
+        self.assertNotEqual(thread, threading.get_ident())
+
+    def test_callbacks_need_no_server_on_the_client(self):
+        self.assertEqual(self.client_hub.stats()['servers'], 0)
+        self.assertEqual(self.p.call_back(dopy.ref(Recorder()), 1)[:2], ('pong', 1))
+
+    def test_refs_nested_inside_containers(self):
+        recorders = [Recorder() for _ in range(3)]
+        results = self.p.call_all([dopy.ref(r) for r in recorders])
+        self.assertEqual([r[:2] for r in results], [('pong', 0), ('pong', 1), ('pong', 2)])
+        self.assertEqual([r.calls for r in recorders], [[0], [1], [2]])
+
+    def test_a_callback_saved_and_fired_later_from_another_thread(self):
+        recorder = Recorder()
+        self.p.save(dopy.ref(recorder))
+        self.p.fire_later('later')
+        self.assertTrue(recorder.called.wait(TIMEOUT))
+        self.assertTrue(self.service.fired.wait(TIMEOUT))
+        self.assertEqual(recorder.calls, ['later'])
+
+    def test_nested_callbacks_three_levels_deep(self):
+        service = self.p
+        trail = []
+
+        class Bouncer:
+            def bounce(self, depth):
+                trail.append(depth)
+                if depth == 0:
+                    return 'bottom'
+                return service.bounce(dopy.ref(self), depth - 1)
+
+        self.assertEqual(self.p.bounce(dopy.ref(Bouncer()), 3), 'bottom')
+        self.assertEqual(trail, [3, 2, 1, 0])
+
+    def test_a_ref_to_my_own_object_comes_back_as_the_object(self):
+        recorder = Recorder()
+        self.assertIs(self.p.identity(dopy.ref(recorder)), recorder)
+
+    def test_a_ref_returned_as_a_result(self):
+        counter = self.p.counter()
+        self.assertIsInstance(counter, dopy.RemoteObject)
+        self.assertEqual([counter.inc() for _ in range(3)], [1, 2, 3])
+
+    def test_ref_of_a_ref_or_proxy_is_itself(self):
+        r = dopy.ref(Recorder())
+        self.assertIs(dopy.ref(r), r)
+        self.assertIs(dopy.ref(self.p), self.p)
+
+
+class ProxiesTravel(TwoHubs):
+    def test_a_proxy_to_a_third_hub_arrives_working(self):
+        other_hub = dopy.Hub()
+        self.addCleanup(other_hub.shutdown)
+        other_hub.addObject('counter', Counter())
+        other_server = dopy.tcp.makeServer(0, hub=other_hub)
+        counter = self.remote('counter', server=other_server)
+        self.assertEqual(counter.inc(), 1)
+        self.p.save(counter)
+        self.assertEqual(self.service.saved.inc(), 2)
+        self.assertEqual(str(self.service.saved), str(counter))
+
+    def test_a_proxy_sent_back_to_its_own_hub_is_the_object(self):
+        self.p.save(self.p)
+        self.assertIs(self.service.saved, self.service)
+
+    def test_a_callback_proxy_forwarded_to_a_third_hub_still_calls_here(self):
+        other_hub = dopy.Hub()
+        self.addCleanup(other_hub.shutdown)
+        relay = Service()
+        other_hub.addObject('relay', relay)
+        other_server = dopy.tcp.makeServer(0, hub=other_hub)
+        recorder = Recorder()
+        self.p.save(dopy.ref(recorder))
+        # The server forwards the client's callback to the relay, which calls it.
+        relay_proxy = dopy.tcp.remote('127.0.0.1', other_server.port, 'relay', timeout=TIMEOUT,
+                                      hub=self.server_hub)
+        self.addCleanup(dopy.close, relay_proxy)
+        self.assertEqual(relay_proxy.call_back(self.service.saved, 'relayed')[:2],
+                         ('pong', 'relayed'))
+        self.assertEqual(recorder.calls, ['relayed'])
+
+    def test_a_published_object_travels_with_its_address(self):
+        self.client_hub.addObject('counter', Counter())
+        client_server = dopy.tcp.makeServer(0, hub=self.client_hub)
+        self.p.save(dopy.ref(self.client_hub.getObject('counter')))
+        saved = self.service.saved
+        self.assertEqual(str(saved), f'tcp:127.0.0.1:{client_server.port}:counter')
+        self.assertEqual(saved.inc(), 1)
+        # It has an address, so it outlives the connection that brought it.
+        dopy.close(self.p)
+        self.assertEqual(saved.inc(), 2)
+        self.assertEqual(pickle.loads(pickle.dumps(saved)), saved)
+
+    def test_a_callback_proxy_cannot_be_pickled_outside_a_call(self):
+        self.p.save(dopy.ref(Recorder()))
+        with self.assertRaises(pickle.PicklingError):
+            pickle.dumps(self.service.saved)
+        with self.assertRaises(pickle.PicklingError):
+            pickle.dumps(dopy.ref(Recorder()))
+
+    def test_a_callback_dies_with_the_connection_that_brought_it(self):
+        self.p.save(dopy.ref(Recorder()))
+        dopy.close(self.p)
+        with self.assertRaises(dopy.CommunicationError):
+            self.service.saved.ping(1)
+
+
+class Lifetime(TwoHubs):
+    def test_a_thousand_short_lived_refs_leave_no_trace(self):
+        self.assertEqual(self.p.call_back(dopy.ref(Recorder()), 0)[:2], ('pong', 0))
+        gc.collect()
+        self.p.identity(None)
+        before = (self.server_hub.stats(), self.client_hub.stats())
+        for i in range(1000):
+            self.p.call_back(dopy.ref(Recorder()), i)
+        gc.collect()
+        # Releases travel ahead of the next frame each way.
+        self.p.identity(None)
+        self.p.identity(None)
+        after = (self.server_hub.stats(), self.client_hub.stats())
+        self.assertEqual(after, before)
+        self.assertEqual(after[0]['imported_references'], 0)
+        self.assertEqual(after[1]['exported_references'], 0)
+
+    def test_a_held_ref_stays_until_released(self):
+        recorder = Recorder()
+        self.p.save(dopy.ref(recorder))
+        self.p.identity(None)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 1)
+        self.assertEqual(self.p.call_back(dopy.ref(recorder), 'again')[:2], ('pong', 'again'))
+        self.service.saved.ping('still')
+        self.service.saved = None
+        gc.collect()
+        self.p.identity(None)
+        self.p.identity(None)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 0)
+
+    def test_closing_the_connection_releases_everything(self):
+        self.p.save(dopy.ref(Recorder()))
+        self.assertEqual(self.client_hub.stats()['exported_references'], 1)
+        dopy.close(self.p)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 0)
+
+    def test_published_objects_stay_until_removed(self):
+        self.server_hub.addObject('kept', Counter())
+        kept = self.remote('kept')
+        self.assertEqual(kept.inc(), 1)
+        dopy.close(kept)
+        self.assertEqual(self.remote('kept').inc(), 2)
+
+
+class ContainerProtocol(TwoHubs):
+    def setUp(self):
+        super().setUp()
+        self.server_hub.addObject('dict', {'a': 1})
+        self.d = self.remote('dict')
+
+    def test_len_in_getitem_setitem_delitem_iter(self):
+        self.assertEqual(len(self.d), 1)
+        self.assertIn('a', self.d)
+        self.assertNotIn('b', self.d)
+        self.assertEqual(self.d['a'], 1)
+        self.d['b'] = [2]
+        self.assertEqual(self.d['b'], [2])
+        self.assertEqual(sorted(self.d), ['a', 'b'])
+        del self.d['a']
+        self.assertEqual(list(self.d), ['b'])
+        with self.assertRaises(KeyError):
+            self.d['missing']
+
+    def test_a_proxy_is_true_without_asking_len(self):
+        self.assertTrue(self.p)
+
+    def test_other_dunders_stay_blocked(self):
+        with self.assertRaises(AttributeError):
+            self.d.__repr__ and self.d.__class__ and self.d.__dict__
+        with self.assertRaises(AttributeError):
+            self.d._dopy_nothing
+        with self.assertRaises(dopy.NoSuchMethodError):
+            len(self.p)
+
+    def test_equal_reference_strings_make_equal_proxies(self):
+        again = self.remote('dict')
+        self.assertEqual(again, self.d)
+        self.assertEqual(hash(again), hash(self.d))
+        self.assertNotEqual(self.d, self.p)
+        self.assertEqual(len({self.d, again, self.p}), 2)
+
+
+if __name__ == '__main__':
+    unittest.main()
