@@ -1,9 +1,9 @@
 """DOPY, Distributed Objects for Python: call objects in another process as if they were here."""
 
-from . import tb, tcp
+from . import naming, tb, tcp
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, DopyError, MessageTooLargeError,
-                     NoSuchMethodError, NoSuchObjectError, ProtocolError, RemoteError,
+                     NamingError, NoSuchMethodError, NoSuchObjectError, ProtocolError, RemoteError,
                      SerializationError)
 from .hub import Hub, getHub, init
 from .proxy import Ref, RemoteObject, close, ref
@@ -11,8 +11,8 @@ from .proxy import Ref, RemoteObject, close, ref
 __version__ = '1.0.0'
 
 __all__ = [
-    'Hub', 'getHub', 'init', 'RemoteObject', 'Ref', 'ref', 'close', 'tb', 'tcp',
+    'Hub', 'getHub', 'init', 'RemoteObject', 'Ref', 'ref', 'close', 'naming', 'tb', 'tcp',
     'DopyError', 'CommunicationError', 'ConnectionClosedError', 'ConnectionLostError',
     'CallTimeoutError', 'ProtocolError', 'MessageTooLargeError', 'SerializationError',
-    'NoSuchObjectError', 'NoSuchMethodError', 'RemoteError',
+    'NoSuchObjectError', 'NoSuchMethodError', 'NamingError', 'RemoteError',
 ]

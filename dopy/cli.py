@@ -2,9 +2,10 @@
 
 import argparse
 import logging
+import sqlite3
 import sys
 
-from . import tcp
+from . import naming, tcp
 from .errors import CommunicationError, DopyError
 from .hub import getHub
 
@@ -46,11 +47,22 @@ def server_main(argv=None):
                              'run code in this process.')
     parser.add_argument('--port', type=int, default=tcp.DEFAULT_PORT,
                         help='TCP port (default %(default)s; 0 picks a free one)')
+    parser.add_argument('--naming', nargs='?', const='', metavar='PATH',
+                        help=f'also publish a naming context as "{naming.DEFAULT_KEY}": '
+                             'in memory, or kept in the SQLite file PATH when given')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
     hub = getHub()
     test = TestObject()
     hub.addObject(TEST_OBJECT_NAME, test)
+    if args.naming is not None:
+        try:
+            context = (naming.PersistentNamingContext(args.naming) if args.naming
+                       else naming.StandardNamingContext())
+        except sqlite3.Error as exc:
+            print(f'dopyserver: cannot open the naming store {args.naming!r}: {exc}', file=sys.stderr)
+            return 1
+        hub.addObject(naming.DEFAULT_KEY, context)
     try:
         server = tcp.makeServer(args.port, host=args.host)
     except (CommunicationError, ValueError) as exc:

@@ -95,7 +95,7 @@ class Connection:
     messages.
     """
 
-    def __init__(self, sock, hub, peer, local_ip=None):
+    def __init__(self, sock, hub, peer, local_ip=None, close_when_unused=False):
         sock.setblocking(False)
         self.peer = peer
         self.hub = hub
@@ -117,7 +117,8 @@ class Connection:
         self._imports = {}
         self._released = deque()
         self._closed = False
-        self._retired = False
+        self._users = 0
+        self._close_when_unused = close_when_unused
         self._error = None
         fd = sock.fileno()
         self._read_poll = select.poll()
@@ -133,11 +134,6 @@ class Connection:
     def closed(self):
         """True once the connection is closed, by either side."""
         return self._closed
-
-    @property
-    def retired(self):
-        """True once ``retire`` was called: it is not to be given new calls."""
-        return self._retired
 
     def call(self, name, method, args, kwargs, timeout=None):
         """Call ``method`` of the peer's object ``name`` and return its result.
@@ -158,8 +154,7 @@ class Connection:
                     f'no reply to {name}.{method}() from {self.peer} within {timeout} s; '
                     'the call was not re-sent, and it may or may not have run') from None
         finally:
-            if self._retired and not self._waiters:
-                self.close()
+            self._close_if_unused()
         if waiter.error is not None:
             raise waiter.error
         return waiter.value
@@ -244,12 +239,11 @@ class Connection:
                 self._close_socket()
 
     def check_alive(self):
-        """False if closed, or idle and found hung up by the peer (without sending)."""
+        """False if closed, or found hung up by the peer (without sending anything)."""
         if self._closed:
             return False
-        if self._reader is not None or self._waiters:
-            return True
         try:
+            # A peek consumes nothing, so it is safe beside a reading thread.
             if self._sock.recv(1, socket.MSG_PEEK):
                 return True
             self._lost(None)
@@ -259,13 +253,22 @@ class Connection:
             self._lost(exc)
         return False
 
-    def retire(self):
-        """Take no new calls from the owner; close once the calls in flight end."""
+    def acquire(self):
+        """Count one more proxy using this connection."""
         with self._cond:
-            self._retired = True
-            idle = not self._waiters
-        if idle:
-            self.close()
+            self._users += 1
+
+    def release(self):
+        """Count one proxy fewer; the last one out closes a connection that proxies opened."""
+        with self._cond:
+            self._users -= 1
+        self._close_if_unused()
+
+    def _close_if_unused(self):
+        # Calls still in flight keep it open: a proxy that gave up on a
+        # timed-out call must not end the calls of other threads.
+        if self._close_when_unused and self._users <= 0 and not self._waiters:
+            self.close(timeout=0)
 
     def close(self, timeout=None):
         """Close the connection; calls waiting on it get ``ConnectionClosedError``. Idempotent.

@@ -12,6 +12,7 @@
     ├── SerializationError             pickling failed; says which side and what
     ├── NoSuchObjectError              (also LookupError)
     ├── NoSuchMethodError              (also AttributeError)
+    ├── NamingError                    (also KeyError) a name that is not bound, or not valid
     └── RemoteError                    a remote exception that could not be rebuilt
 
 A remote exception that *can* be rebuilt is raised as itself, not as one of
@@ -22,7 +23,7 @@ __all__ = [
     'DopyError', 'CommunicationError', 'ConnectionClosedError',
     'ConnectionLostError', 'CallTimeoutError', 'ProtocolError',
     'MessageTooLargeError', 'SerializationError', 'NoSuchObjectError',
-    'NoSuchMethodError', 'RemoteError',
+    'NoSuchMethodError', 'NamingError', 'RemoteError',
 ]
 
 
@@ -64,6 +65,14 @@ class NoSuchObjectError(DopyError, LookupError):
 
 class NoSuchMethodError(DopyError, AttributeError):
     """The object has no public method of that name (data attributes are not methods)."""
+
+
+class NamingError(DopyError, KeyError):
+    """A name that is not bound in a naming context, or that is not a valid name."""
+
+    def __str__(self):
+        # KeyError would show the message as a quoted repr.
+        return str(self.args[0]) if self.args else ''
 
 
 class RemoteError(DopyError):

@@ -1,12 +1,13 @@
 """References to objects in other hubs: ``RemoteObject`` (the proxy), ``ref``, and how both travel.
 
 A proxy turns attribute access into method stubs that call the remote
-object.  It reaches that object over a connection it owns (one it opened
-from a reference string) or over the connection that brought it (a
-reference that arrived inside a call or a reply).  An owned connection is
-replaced when it is gone: after the peer went away, or after a call timed
-out (so a late reply, or a server still busy with the abandoned call, never
-holds up the next call).  Nothing is ever re-sent: the call that met the
+object.  It reaches that object over a connection it opened from a
+reference string, or over the connection that brought it (a reference that
+arrived inside a call or a reply).  A connection that proxies opened closes
+when no proxy uses it and no call is in flight on it.  A proxy with an
+address opens a new connection when its old one is gone: after the peer
+went away, or after a call timed out (so a late reply, or a server still
+busy with the abandoned call, never holds up the next call).  Nothing is ever re-sent: the call that met the
 failure raises, and only the next call reconnects.  A proxy is safe to
 share between threads; their calls travel side by side on one connection.
 
@@ -91,48 +92,58 @@ def ref(obj):
 
 
 class _Link:
-    """A proxy's connection, and how to open a new one (``connect`` is None if it cannot)."""
+    """A proxy's use of a connection, and how to open a new one (``connect`` is None if it cannot)."""
 
-    __slots__ = ('connect', 'connection', 'owned', 'lock', 'closed', '__weakref__')
+    __slots__ = ('connect', 'connection', 'lock', 'closed', '__weakref__')
 
-    def __init__(self, connect, connection=None):
+    def __init__(self, connect):
         self.connect = connect
-        self.connection = connection
-        self.owned = connection is None
+        self.connection = None
         self.lock = threading.Lock()
         self.closed = False
 
     def get(self):
         connection = self.connection
-        if connection is not None and not connection.retired and connection.check_alive():
+        if connection is not None and connection.check_alive():
             return connection
         with self.lock:
             if self.closed:
                 raise ConnectionClosedError('this proxy was closed')
             connection = self.connection
-            if connection is None or connection.retired or not connection.check_alive():
-                if self.connect is None:
-                    raise ConnectionClosedError(
-                        'the connection that brought this reference is closed, '
-                        'and the object has no address to reconnect to')
-                connection = self.connection = self.connect()
-                self.owned = True
+            if connection is not None and connection.check_alive():
+                return connection
+            if connection is not None:
+                self.connection = None
+                connection.release()
+            if self.connect is None:
+                raise ConnectionClosedError(
+                    'the connection that brought this reference is closed, '
+                    'and the object has no address to reconnect to')
+            connection = self.connect()
+            connection.acquire()
+            self.connection = connection
             return connection
 
-    def drop(self, connection, retire):
+    def use(self, connection):
         with self.lock:
-            if self.connection is not connection or not self.owned:
+            old, self.connection = self.connection, connection
+            connection.acquire()
+        if old is not None:
+            old.release()
+
+    def drop(self, connection):
+        with self.lock:
+            if self.connection is not connection:
                 return
             self.connection = None
-        if retire:
-            connection.retire()
+        connection.release()
 
     def close(self):
         with self.lock:
             self.closed = True
             connection, self.connection = self.connection, None
-        if connection is not None and self.owned:
-            connection.close()
+        if connection is not None:
+            connection.release()
 
 
 class RemoteObject:
@@ -154,7 +165,9 @@ class RemoteObject:
         self._dopy_ref = ref
         self._dopy_name = name
         self._dopy_timeout = timeout
-        self._dopy_link = _Link(connect, connection)
+        self._dopy_link = _Link(connect)
+        if connection is not None:
+            self._dopy_link.use(connection)
         weakref.finalize(self, self._dopy_link.close)
 
     def __getattr__(self, name):
@@ -221,11 +234,13 @@ class RemoteObject:
             return getattr(connection, _CALLS[how])(
                 self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CallTimeoutError:
-            link.drop(connection, retire=True)
+            # A new connection for the next call: a late reply, or a server
+            # still busy with this call, must not hold that one up.
+            link.drop(connection)
             raise
         except CommunicationError:
             if connection.closed:
-                link.drop(connection, retire=False)
+                link.drop(connection)
             raise
 
 
@@ -269,11 +284,8 @@ def close(proxy):
 
 
 def attach(proxy, connection):
-    """Let ``proxy`` call over ``connection``, which it does not own, until that closes."""
-    link = proxy._dopy_link
-    with link.lock:
-        link.connection = connection
-        link.owned = False
+    """Let ``proxy`` call over ``connection`` until that closes (then it reconnects, if it can)."""
+    proxy._dopy_link.use(connection)
     return proxy
 
 

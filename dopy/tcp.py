@@ -236,7 +236,8 @@ def _proxy(hub, host, port, name, timeout):
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
-        connection = Connection(sock, hub, address, local_ip=sock.getsockname()[0])
+        connection = Connection(sock, hub, address, local_ip=sock.getsockname()[0],
+                                close_when_unused=True)
         try:
             hub._add_connection(connection)
         except CommunicationError:
