@@ -15,7 +15,7 @@ import traceback
 from systems import SYSTEMS, EchoService
 
 _CTX = multiprocessing.get_context('spawn')
-_STOP_TIMEOUT = 10.0
+_STOP_TIMEOUT = 5.0
 
 
 class CaseError(Exception):

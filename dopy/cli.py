@@ -5,9 +5,9 @@ import logging
 import sqlite3
 import sys
 
-from . import naming, tcp
+from . import naming, rsh, tcp
 from .errors import CommunicationError, DopyError
-from .hub import getHub
+from .hub import THRD_CONN, THRD_FUNC, THRD_NONE, init
 
 __all__ = ['TestObject', 'server_main', 'client_main', 'TEST_OBJECT_NAME']
 
@@ -47,12 +47,19 @@ def server_main(argv=None):
                              'run code in this process.')
     parser.add_argument('--port', type=int, default=tcp.DEFAULT_PORT,
                         help='TCP port (default %(default)s; 0 picks a free one)')
+    parser.add_argument('--stdio', action='store_true',
+                        help='serve over standard input and output instead of TCP, for '
+                             'dopy.rsh.remote("ssh HOST dopyserver --stdio", "test"); '
+                             'no console, and it stops at the end of its input')
+    parser.add_argument('--thread-mode', choices=(THRD_CONN, THRD_FUNC, THRD_NONE), default=THRD_CONN,
+                        help='how calls are run: a thread per connection (default), '
+                             'a thread per call, or no threads at all')
     parser.add_argument('--naming', nargs='?', const='', metavar='PATH',
                         help=f'also publish a naming context as "{naming.DEFAULT_KEY}": '
                              'in memory, or kept in the SQLite file PATH when given')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
-    hub = getHub()
+    hub = init(threadMode=args.thread_mode)
     test = TestObject()
     hub.addObject(TEST_OBJECT_NAME, test)
     if args.naming is not None:
@@ -63,6 +70,16 @@ def server_main(argv=None):
             print(f'dopyserver: cannot open the naming store {args.naming!r}: {exc}', file=sys.stderr)
             return 1
         hub.addObject(naming.DEFAULT_KEY, context)
+    if args.stdio:
+        server = rsh.makeServer()
+        print('dopyserver: serving "test" over stdio', file=sys.stderr, flush=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            hub.shutdown()
+        return 0
     try:
         server = tcp.makeServer(args.port, host=args.host)
     except (CommunicationError, ValueError) as exc:
@@ -97,16 +114,25 @@ def client_main(argv=None):
     parser.add_argument('address', nargs='?', default='localhost',
                         help='HOST or HOST:PORT of the server ([v6]:PORT for IPv6; '
                              f'default localhost:{tcp.DEFAULT_PORT})')
+    parser.add_argument('--stdio', metavar='COMMAND',
+                        help='run COMMAND (for example "ssh HOST dopyserver --stdio") and talk '
+                             'to it over its standard input and output instead of TCP')
     parser.add_argument('--timeout', type=float, default=10.0,
                         help='seconds to wait for connecting and for each call (default %(default)s)')
     args = parser.parse_args(argv)
+    if args.stdio:
+        where = args.stdio
+        connect = lambda: rsh.remote(args.stdio, TEST_OBJECT_NAME, timeout=args.timeout)
+    else:
+        try:
+            host, port = _split_address(args.address)
+        except ValueError as exc:
+            parser.error(str(exc))
+        where = _join_address(host, port)
+        connect = lambda: tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout)
+    print(f'connecting to {where}...', flush=True)
     try:
-        host, port = _split_address(args.address)
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(f'connecting to {_join_address(host, port)}...', flush=True)
-    try:
-        proxy = tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout)
+        proxy = connect()
     except CommunicationError as exc:
         print(f'dopyclient: {exc}', file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """One peer connection: calls sent and replies matched by id, calls received and served.
 
-Both ends of a link are a ``Connection``; a server's and a client's differ
-only in who reads.  A server runs ``serve()`` in the connection's own thread.
+Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
+a socket or a pair of pipes); a server's and a client's differ only in who
+reads.  A server runs ``serve()`` in the connection's own thread.
 A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
@@ -11,7 +12,10 @@ in the same thread, so nested calls do not deadlock.
 
 A connection that must read while no thread waits (replies to futures,
 say) gets a reader thread of its own with ``start_reader``; it is the
-connection's, and ``close`` joins it.
+connection's, and ``close`` joins it.  In a THRD_FUNC hub the reader
+unpickles each call and hands it to the hub's pool to run.  In a THRD_NONE
+hub there are no threads: the hub's loop reads, and a call that waits
+runs that loop until its reply arrives.
 
 The socket is non-blocking; every wait is a ``poll`` bounded by the call's
 deadline (``time.monotonic()``; None means no limit).  Several threads may
@@ -41,6 +45,7 @@ from collections import deque
 from concurrent.futures import Future
 
 from . import dispatch, proxy, remote_exc, wire
+from .hub import THRD_FUNC
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
@@ -88,20 +93,22 @@ class _Waiter:
 
 
 class Connection:
-    """One end of a link to a peer, over a connected stream socket.
+    """One end of a link to a peer, over a stream (see ``dopy.streams``).
 
     ``hub`` supplies the objects that incoming calls are served from and
     the size limit for incoming frames; ``peer`` names the other end in
     messages.
     """
 
-    def __init__(self, sock, hub, peer, local_ip=None, close_when_unused=False):
-        sock.setblocking(False)
+    def __init__(self, stream, hub, peer, local_ip=None, close_when_unused=False, on_close=None):
         self.peer = peer
+        self._on_close = on_close
         self.hub = hub
         self._local_ip = local_ip
         self._serial = next(_serials)
-        self._sock = sock
+        self._stream = stream
+        self._threaded = hub.threaded
+        self._pooled = hub.threadMode == THRD_FUNC
         self._decoder = wire.Decoder(hub.max_message_size)
         self._send_lock = threading.RLock()
         self._cond = threading.Condition(threading.Lock())
@@ -120,11 +127,14 @@ class Connection:
         self._users = 0
         self._close_when_unused = close_when_unused
         self._error = None
-        fd = sock.fileno()
         self._read_poll = select.poll()
-        self._read_poll.register(fd, select.POLLIN)
+        self._read_poll.register(stream.read_fd, select.POLLIN)
+        if stream.wake_fd is not None:
+            self._read_poll.register(stream.wake_fd, select.POLLIN)
         self._write_poll = select.poll()
-        self._write_poll.register(fd, select.POLLOUT)
+        self._write_poll.register(stream.write_fd, select.POLLOUT)
+        if not self._threaded:
+            hub.loop.add_reader(stream.read_fd, self._on_readable)
 
     def __repr__(self):
         state = 'closed' if self._closed else f'{len(self._waiters)} calls in flight'
@@ -199,9 +209,9 @@ class Connection:
         return request_id
 
     def start_reader(self):
-        """Read in a thread of the connection's own from now on. Idempotent."""
+        """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
         with self._cond:
-            if self._reader_thread is not None or self._serving or self._closed:
+            if self._reader_thread is not None or self._serving or self._closed or not self._threaded:
                 return
             self._reader_thread = threading.Thread(
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
@@ -217,20 +227,8 @@ class Connection:
         try:
             while True:
                 self._handle(self._read_frame(None))
-        except ConnectionClosedError:
-            log.debug('connection with %s closed', self.peer)
-        except ProtocolError as exc:
-            log.warning('closing connection with %s: %s', self.peer, exc)
-        except ConnectionLostError as exc:
-            if exc.__cause__ is None and not self._decoder.pending:
-                log.debug('%s closed the connection', self.peer)
-            else:
-                log.info('connection with %s ended: %s', self.peer, exc)
-        except CommunicationError as exc:
-            log.info('connection with %s ended: %s', self.peer, exc)
-        except Exception:
-            log.exception('closing connection with %s after an internal error', self.peer)
-            self._shutdown(ConnectionClosedError(f'connection with {self.peer} closed after an internal error'))
+        except Exception as exc:
+            self._ended(exc)
         finally:
             with self._cond:
                 self._reader = None
@@ -244,14 +242,70 @@ class Connection:
             return False
         try:
             # A peek consumes nothing, so it is safe beside a reading thread.
-            if self._sock.recv(1, socket.MSG_PEEK):
+            if not self._stream.peek_closed():
                 return True
             self._lost(None)
-        except BlockingIOError:
-            return True
         except OSError as exc:
             self._lost(exc)
         return False
+
+    def _ended(self, exc):
+        """Log why reading stopped, once, at the level it deserves; make sure the connection is shut."""
+        if isinstance(exc, ConnectionClosedError):
+            log.debug('connection with %s closed', self.peer)
+        elif isinstance(exc, ProtocolError):
+            log.warning('closing connection with %s: %s', self.peer, exc)
+        elif isinstance(exc, ConnectionLostError) and exc.__cause__ is None and not self._decoder.pending:
+            log.debug('%s closed the connection', self.peer)
+        elif isinstance(exc, CommunicationError):
+            log.info('connection with %s ended: %s', self.peer, exc)
+        else:
+            log.error('closing connection with %s after an internal error', self.peer, exc_info=exc)
+            self._shutdown(ConnectionClosedError(f'connection with {self.peer} closed after an internal error'))
+
+    def _on_readable(self, _fd):
+        """THRD_NONE: the loop saw data; read what is there and handle every whole frame."""
+        if self._closed:
+            return
+        try:
+            received = self._stream.recv_into(self._decoder.get_buffer())
+        except BlockingIOError:
+            received = None  # read already by a nested turn of the loop
+        except OSError as exc:
+            self._ended(self._lost(exc))
+            return
+        try:
+            if received == 0:
+                raise self._lost(None)
+            if received:
+                try:
+                    self._decoder.advance(received)
+                except ProtocolError as exc:
+                    self._shutdown(exc)
+                    raise
+            self._handle_ready()
+        except Exception as exc:
+            self._ended(exc)
+
+    def _handle_ready(self):
+        """THRD_NONE: handle the frames decoded so far, one by one.
+
+        Before each, the rest are left to the loop's backlog, so that a call
+        made while handling this frame (which runs the loop) handles them
+        first, in order, and no frame waits for more bytes to arrive.
+        """
+        while not self._closed:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return
+            self.hub.loop.defer(self, self._handle_backlog)
+            self._handle(frame)
+
+    def _handle_backlog(self):
+        try:
+            self._handle_ready()
+        except Exception as exc:
+            self._ended(exc)
 
     def acquire(self):
         """Count one more proxy using this connection."""
@@ -408,6 +462,9 @@ class Connection:
             return None, error
 
     def _wait_for(self, waiter, deadline):
+        if not self._threaded:
+            self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
+            return
         me = threading.get_ident()
         with self._cond:
             while not waiter.done:
@@ -438,13 +495,12 @@ class Connection:
 
     def _handle(self, frame):
         kind = frame.kind
-        if kind == wire.CALL:
-            outcome = dispatch.run(self.lookup, frame, self._loads)
-            with self._send_lock:
-                self._send(dispatch.reply_segments(frame.request_id, outcome, self._dumps), None)
-            return
-        if kind == wire.ONEWAY:
-            dispatch.log_oneway(frame.request_id, dispatch.run(self.lookup, frame, self._loads))
+        if kind == wire.CALL or kind == wire.ONEWAY:
+            call = dispatch.prepare(self.lookup, frame, self._loads)
+            if self._pooled:
+                self.hub.submit(lambda: self._run(frame, call))
+            else:
+                self._run(frame, call)
             return
         if kind == wire.RELEASE:
             self._release_exports(frame)
@@ -466,6 +522,21 @@ class Connection:
             waiter.value, waiter.error, waiter.done = value, error, True
             self._cond.notify_all()
 
+    def _run(self, frame, call):
+        outcome = call()
+        if frame.kind == wire.ONEWAY:
+            dispatch.log_oneway(frame.request_id, outcome)
+            return
+        try:
+            with self._send_lock:
+                self._send(dispatch.reply_segments(frame.request_id, outcome, self._dumps), None)
+        except CommunicationError as exc:
+            if self._pooled:
+                # No reader to tell: the connection is shut, and the reader logs why.
+                log.debug('reply to %s not sent: %s', self.peer, exc)
+            else:
+                raise
+
     def _read_frame(self, deadline):
         decoder = self._decoder
         while True:
@@ -476,7 +547,7 @@ class Connection:
                 return frame
             self._wait(self._read_poll, deadline)
             try:
-                received = self._sock.recv_into(decoder.get_buffer())
+                received = self._stream.recv_into(decoder.get_buffer())
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -508,18 +579,18 @@ class Connection:
                 raise self._lost(exc)
 
     def _send_all(self, data, deadline):
-        sock = self._sock
+        stream = self._stream
         try:
-            sent = sock.send(data)
+            sent = stream.send(data)
         except BlockingIOError:
             sent = 0
         if sent == len(data):
             return
         view = memoryview(data)
         while sent < len(view):
-            self._wait(self._write_poll, deadline)
+            self._wait_writable(deadline)
             try:
-                sent += sock.send(view[sent:])
+                sent += stream.send(view[sent:])
             except BlockingIOError:
                 pass
 
@@ -528,9 +599,9 @@ class Connection:
         first = 0
         while first < len(views):
             try:
-                sent = self._sock.sendmsg(views[first:first + _MAX_SEGMENTS])
+                sent = self._stream.sendmsg(views[first:first + _MAX_SEGMENTS])
             except BlockingIOError:
-                self._wait(self._write_poll, deadline)
+                self._wait_writable(deadline)
                 continue
             while sent:
                 if sent >= len(views[first]):
@@ -539,6 +610,13 @@ class Connection:
                 else:
                     views[first] = views[first][sent:]
                     sent = 0
+
+    def _wait_writable(self, deadline):
+        if self._threaded:
+            self._wait(self._write_poll, deadline)
+        else:
+            # The loop goes on serving everyone else while this peer is slow to read.
+            self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
         if deadline is None:
@@ -579,18 +657,19 @@ class Connection:
             self._exports.clear()
             self._export_names.clear()
             self._imports.clear()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        # A thread blocked in poll() on this socket returns now; the socket
-        # is closed only once no thread can be using its descriptor.
+        if not self._threaded:
+            self.hub.loop.remove_reader(self._stream.read_fd)
+        self._stream.shutdown()
+        if self._on_close is not None:
+            self._on_close(self)
+        # A thread blocked in poll() on this stream returns now; the stream
+        # is closed only once no thread can be using its descriptors.
         if not reading:
             self._close_socket()
 
     def _close_socket(self):
         with self._send_lock:
-            self._sock.close()
+            self._stream.close()
 
 
 def _remaining(deadline):

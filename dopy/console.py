@@ -1,66 +1,69 @@
-"""The interactive console of ``Hub.mainloop``: Python lines read from a file descriptor.
+"""The interactive console of ``Hub.mainloop``: Python lines fed in as bytes, run one by one.
 
-It reads raw bytes with ``poll``, so that a second descriptor (the hub's
-wake-up pipe) can end it from another thread; Python's buffered
-``sys.stdin`` cannot be waited on that way.
+It is fed raw bytes by the hub's loop (a reactor on standard input), so
+that the loop can serve, and be stopped from another thread, meanwhile:
+Python's buffered ``sys.stdin`` cannot be waited on that way.
 """
 
 import code
 import codecs
 import os
-import select
 import sys
 
-__all__ = ['run']
+__all__ = ['Console', 'CHUNK']
 
-_CHUNK = 65536
+CHUNK = 65536
 
 
-def run(namespace, fd, wake_fd):
-    """Execute the lines read from ``fd`` in ``namespace`` until end of input.
+class Console:
+    """Runs each complete line fed to it in ``namespace``, as Python's prompt would.
 
-    Returns at end of input, when ``wake_fd`` becomes readable, or on
-    KeyboardInterrupt.  Statements may span lines, as at Python's prompt;
-    expression values are printed to stdout and exceptions' tracebacks to
-    stderr, and the console goes on.
+    Statements may span lines; expression values are printed to stdout and
+    exceptions' tracebacks to stderr, and the console goes on.  ``prompt``
+    writes a prompt when the input is a terminal.
     """
-    console = code.InteractiveConsole(namespace)
-    interactive = os.isatty(fd)
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.register(wake_fd, select.POLLIN)
-    # Lines already read must not run once the hub has been shut down.
-    wake_poller = select.poll()
-    wake_poller.register(wake_fd, select.POLLIN)
-    pending = ''
-    more = False
-    try:
-        while True:
-            if interactive:
-                _prompt('... ' if more else '>>> ')
-            while '\n' not in pending:
-                ready = {ready_fd for ready_fd, _ in poller.poll()}
-                if wake_fd in ready:
-                    return
-                chunk = os.read(fd, _CHUNK)
-                if not chunk:
-                    tail = pending + decoder.decode(b'', final=True)
-                    if tail:
-                        more = console.push(tail)
-                    if more:
-                        console.push('')
-                    return
-                pending += decoder.decode(chunk)
-            line, pending = pending.split('\n', 1)
-            more = console.push(line)
-            if wake_poller.poll(0):
-                return
-    except KeyboardInterrupt:
-        if interactive:
-            _prompt('\n')
+
+    def __init__(self, namespace, fd, should_stop):
+        self._console = code.InteractiveConsole(namespace)
+        self._interactive = os.isatty(fd)
+        self._decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        self._should_stop = should_stop
+        self._pending = ''
+        self._more = False
+
+    def prompt(self):
+        """Show the prompt, on a terminal."""
+        if self._interactive:
+            _write('... ' if self._more else '>>> ')
+
+    def feed(self, data):
+        """Run the lines ``data`` completes; ``b''`` means end of input. False once it should stop."""
+        if not data:
+            tail = self._pending + self._decoder.decode(b'', final=True)
+            self._pending = ''
+            if tail:
+                self._more = self._console.push(tail)
+            if self._more:
+                self._console.push('')
+            return False
+        self._pending += self._decoder.decode(data)
+        while '\n' in self._pending:
+            line, self._pending = self._pending.split('\n', 1)
+            self._more = self._console.push(line)
+            # Lines already read must not run once the hub has been shut down.
+            if self._should_stop():
+                return False
+            if '\n' in self._pending:
+                continue
+            self.prompt()
+        return True
+
+    def interrupted(self):
+        """Ctrl-C: end the line on a terminal."""
+        if self._interactive:
+            _write('\n')
 
 
-def _prompt(text):
+def _write(text):
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -17,7 +17,7 @@ import logging
 from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
-__all__ = ['CONTAINER_METHODS', 'Outcome', 'check_method_name', 'resolve', 'run',
+__all__ = ['CONTAINER_METHODS', 'Call', 'Outcome', 'check_method_name', 'resolve', 'prepare', 'run',
            'reply_segments', 'log_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
@@ -75,24 +75,48 @@ class Outcome:
         self.tb = tb
 
 
-def run(lookup, frame, loads=wire.loads):
-    """Run the CALL or ONEWAY ``frame``; never raises for the caller's mistakes.
+class Call:
+    """A call ready to run: its arguments unpickled and its method found, or the error that stopped it."""
+
+    __slots__ = ('label', 'method', 'args', 'kwargs', 'error')
+
+    def __init__(self, label, method, args, kwargs, error=None):
+        self.label = label
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.error = error
+
+    def __call__(self):
+        """Run it: the ``Outcome``."""
+        if self.error is not None:
+            return Outcome(None, False, self.error)
+        try:
+            return Outcome(self.label, True, self.method(*self.args, **self.kwargs))
+        except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
+            log.debug('%s raised %r', self.label, exc)
+            return Outcome(self.label, False, exc, exc.__traceback__.tb_next)
+
+
+def prepare(lookup, frame, loads=wire.loads):
+    """Unpickle the CALL or ONEWAY ``frame`` and find its method; never raises for the caller's mistakes.
 
     ``lookup(name)`` finds the object or raises ``NoSuchObjectError``;
-    ``loads`` is the connection's unpickling function.
+    ``loads`` is the connection's unpickling function.  Preparing is apart
+    from running so that the connection can unpickle every frame in the
+    order it came, and run the call on another thread.
     """
     try:
         name, method_name, args, kwargs = _load_call(frame, loads)
-        method = resolve(lookup(name), method_name)
+        return Call(f'{name}.{method_name}', resolve(lookup(name), method_name), args, kwargs)
     except Exception as exc:
         log.debug('refused call %d: %s', frame.request_id, exc)
-        return Outcome(None, False, exc)
-    label = f'{name}.{method_name}'
-    try:
-        return Outcome(label, True, method(*args, **kwargs))
-    except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
-        log.debug('%s raised %r', label, exc)
-        return Outcome(label, False, exc, exc.__traceback__.tb_next)
+        return Call(None, None, None, None, exc)
+
+
+def run(lookup, frame, loads=wire.loads):
+    """Prepare and run the ``frame``: its ``Outcome``."""
+    return prepare(lookup, frame, loads)()
 
 
 def reply_segments(request_id, outcome, dumps=wire.dumps):

@@ -7,8 +7,9 @@
     │   ├── ConnectionClosedError      you closed it, or used it after close
     │   ├── ConnectionLostError        the peer or the network went away
     │   ├── CallTimeoutError           (also TimeoutError)
-    │   └── ProtocolError              bad magic, version, kind or id
-    │       └── MessageTooLargeError
+    │   ├── ProtocolError              bad magic, version, kind or id
+    │   │   └── MessageTooLargeError
+    │   └── AuthenticationError        a wrong or missing authkey, or a refused connection
     ├── SerializationError             pickling failed; says which side and what
     ├── NoSuchObjectError              (also LookupError)
     ├── NoSuchMethodError              (also AttributeError)
@@ -22,7 +23,7 @@ these: see ``dopy.remote_exc``.
 __all__ = [
     'DopyError', 'CommunicationError', 'ConnectionClosedError',
     'ConnectionLostError', 'CallTimeoutError', 'ProtocolError',
-    'MessageTooLargeError', 'SerializationError', 'NoSuchObjectError',
+    'MessageTooLargeError', 'AuthenticationError', 'SerializationError', 'NoSuchObjectError',
     'NoSuchMethodError', 'NamingError', 'RemoteError',
 ]
 
@@ -53,6 +54,14 @@ class ProtocolError(CommunicationError):
 
 class MessageTooLargeError(ProtocolError):
     """A frame declared (or would need) more bytes than the size limit allows."""
+
+
+class AuthenticationError(CommunicationError):
+    """The handshake failed: a wrong or missing authkey on either side, or the server refused us.
+
+    Nothing from the peer has been unpickled.  A refusal carries the
+    server's own message, which says why and what to do.
+    """
 
 
 class SerializationError(DopyError):

@@ -1,4 +1,4 @@
-"""The Hub: one per process, it owns the published objects, the servers and the connections.
+"""The Hub: one per process, it owns the published objects, the servers, the connections and the loop.
 
 ``getHub()`` returns the process's hub, creating it on first use;
 ``init(**settings)`` creates it explicitly.  ``Hub`` can also be built
@@ -6,6 +6,17 @@ directly, for tests and embedding: pass it as ``hub=`` to ``makeServer``
 and ``remote``.
 
 A hub that has been shut down stays shut; ``getHub()`` then makes a new one.
+
+Threading modes (``threadMode=``):
+
+- ``THRD_CONN`` (the default): a thread per connection; the calls that
+  arrive on one connection run one after another.
+- ``THRD_FUNC``: a thread per call, from a bounded pool (``pool_size``):
+  calls in flight on one connection run side by side, and their replies
+  may go back out of order, matched by request id.
+- ``THRD_NONE``: no threads at all.  ``mainloop()`` runs one select loop
+  over every server, connection and reactor; a call made inside it runs
+  that loop until its reply arrives.
 """
 
 import atexit
@@ -17,10 +28,19 @@ import time
 import weakref
 
 from . import wire
-from .console import run as run_console
+from .console import CHUNK, Console
 from .errors import ConnectionClosedError, DopyError, NoSuchObjectError
+from .loop import Loop
+from .pool import Pool
 
-__all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT']
+__all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT',
+           'THRD_CONN', 'THRD_FUNC', 'THRD_NONE', 'DEFAULT_POOL_SIZE']
+
+THRD_CONN = 'THRD_CONN'
+THRD_FUNC = 'THRD_FUNC'
+THRD_NONE = 'THRD_NONE'
+_MODES = (THRD_CONN, THRD_FUNC, THRD_NONE)
+DEFAULT_POOL_SIZE = 32
 
 log = logging.getLogger('dopy.hub')
 # The application decides where DOPY's log goes; until it does, nowhere.
@@ -49,24 +69,35 @@ class Hub:
     ``max_message_size`` bounds every frame this hub receives, in bytes.
     ``call_timeout`` (seconds, or None for no limit) bounds the calls of
     proxies this hub makes from references it receives or unpickles, which
-    have no ``remote(timeout=...)`` of their own.
+    have no ``remote(timeout=...)`` of their own.  ``threadMode`` is one of
+    ``THRD_CONN``, ``THRD_FUNC``, ``THRD_NONE``; ``pool_size`` bounds the
+    THRD_FUNC pool.
     """
 
-    def __init__(self, *, max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None):
+    def __init__(self, *, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
+                 max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None):
+        if threadMode not in _MODES:
+            raise ValueError(f'threadMode must be one of {", ".join(_MODES)}, not {threadMode!r}')
+        if not isinstance(pool_size, int) or pool_size <= 0:
+            raise ValueError(f'pool_size must be a positive int, not {pool_size!r}')
         if not isinstance(max_message_size, int) or max_message_size <= 0:
             raise ValueError(f'max_message_size must be a positive int, not {max_message_size!r}')
         if call_timeout is not None and not (isinstance(call_timeout, (int, float)) and call_timeout > 0):
             raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
-        self.settings = {'max_message_size': max_message_size, 'call_timeout': call_timeout}
+        self.settings = {'threadMode': threadMode, 'pool_size': pool_size,
+                         'max_message_size': max_message_size, 'call_timeout': call_timeout}
+        self.threadMode = threadMode
         self.max_message_size = max_message_size
         self.call_timeout = call_timeout
+        self.loop = Loop()
+        self._pool = Pool(pool_size, 'dopy-call') if threadMode == THRD_FUNC else None
+        self._loop_thread = None
         self._objects = {}
         self._names = {}
         self._lock = threading.Lock()
         self._servers = set()
         self._connections = weakref.WeakSet()
         self._closed = threading.Event()
-        self._wake_w = None
 
     def __repr__(self):
         state = 'shut down' if self.closed else f'{len(self._objects)} objects, {len(self._servers)} servers'
@@ -153,40 +184,77 @@ class Hub:
                              f'known: {", ".join(sorted(_schemes))}') from None
         return factory(self, rest, timeout, connect)
 
+    @property
+    def threaded(self):
+        """False in THRD_NONE, where the loop does all the reading."""
+        return self.threadMode != THRD_NONE
+
+    def submit(self, work):
+        """Run ``work()`` on the THRD_FUNC pool."""
+        self._pool.submit(work)
+
+    def addReactor(self, fileobj, callback):
+        """Call ``callback(fileobj)`` from the hub's loop whenever ``fileobj`` is readable.
+
+        ``fileobj`` is anything with ``fileno()`` (a pipe, a socket, standard
+        input) or a descriptor.  Reactors run while ``mainloop`` runs, and,
+        in THRD_NONE, while a call waits for its reply.  An exception in a
+        callback is logged and the loop goes on.
+        """
+        if not callable(callback):
+            raise TypeError(f'callback must be callable, not {callback!r}')
+
+        def guarded(ready):
+            try:
+                callback(ready)
+            except Exception:
+                log.exception('reactor callback %r failed', callback)
+
+        self.loop.add_reader(fileobj, guarded)
+        self.loop.wake()
+
+    def removeReactor(self, fileobj):
+        """Stop watching ``fileobj``; ``KeyError`` if it has no reactor."""
+        if not self.loop.remove_reader(fileobj):
+            raise KeyError(f'no reactor for {fileobj!r}')
+
     def mainloop(self, console=True, namespace=None):
         """Serve until end of input, Ctrl-C or ``shutdown()``, running typed lines meanwhile.
 
-        Requests are served on background threads the whole time.  With
-        ``console=True`` each line read from standard input is executed as
-        Python in a namespace holding ``hub``, ``dopy`` and whatever
-        ``namespace`` adds; with ``console=False`` it just waits.  It does
-        not shut the hub down: call ``shutdown()`` after it, or let the
-        process exit.
+        With ``console=True`` each line read from standard input is executed
+        as Python in a namespace holding ``hub``, ``dopy`` and whatever
+        ``namespace`` adds, while requests are served (on threads, or, in
+        THRD_NONE, by this same loop); with ``console=False`` it serves until
+        ``shutdown()``.  Reactors run here.  It does not shut the hub down:
+        call ``shutdown()`` after it, or let the process exit.
         """
         if self.closed:
             return
+        stdin = _stdin_fd() if console else None
+        if stdin is not None:
+            names = {'__name__': '__console__', 'hub': self, 'dopy': sys.modules[__package__]}
+            names.update(namespace or {})
+            shell = Console(names, stdin, lambda: self.closed or self.loop.stopping)
+
+            def on_input(fd):
+                if not shell.feed(os.read(fd, CHUNK)):
+                    self.loop.stop()
+
+            self.loop.add_reader(stdin, on_input)
+            shell.prompt()
+        self._loop_thread = threading.current_thread()
         try:
-            if console and _stdin_fd() is not None:
-                self._run_console(namespace)
-            else:
-                self._closed.wait()
+            self.loop.run(lambda: self.closed)
         except KeyboardInterrupt:
             log.info('mainloop interrupted')
-
-    def _run_console(self, namespace):
-        names = {'__name__': '__console__', 'hub': self, 'dopy': sys.modules[__package__]}
-        names.update(namespace or {})
-        wake_r, wake_w = os.pipe()
-        with self._lock:
-            self._wake_w = wake_w
-        try:
-            if not self.closed:
-                run_console(names, _stdin_fd(), wake_r)
+            if stdin is not None:
+                shell.interrupted()
         finally:
-            with self._lock:
-                self._wake_w = None
-            os.close(wake_r)
-            os.close(wake_w)
+            self._loop_thread = None
+            if self.closed:
+                self.loop.close()
+            elif stdin is not None:
+                self.loop.remove_reader(stdin)
 
     def shutdown(self, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
         """Close every server and connection of this hub and join their threads.
@@ -200,15 +268,18 @@ class Hub:
             if self._closed.is_set():
                 return
             self._closed.set()
-            if self._wake_w is not None:
-                os.write(self._wake_w, b'x')
             servers = list(self._servers)
             connections = list(self._connections)
+        self.loop.stop()
         deadline = time.monotonic() + timeout
         for server in servers:
             server.close(max(0.0, deadline - time.monotonic()))
         for connection in connections:
             connection.close(max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.shutdown(max(0.0, deadline - time.monotonic()))
+        if self._loop_thread is None:
+            self.loop.close()
         log.debug('hub shut down')
 
     def _add_server(self, server):

@@ -1,8 +1,9 @@
 """The TCP transport: ``makeServer`` to serve a hub's objects, ``remote`` to call them.
 
-A server has an accept thread and one thread per connection, which reads
-that connection's calls and runs them one after another.  A client
-connection has no thread (see ``dopy.connection``).  Every socket has
+In the threaded modes a server has an accept thread and one thread per
+connection, which reads that connection's calls (and, in THRD_CONN, runs
+them one after another).  In THRD_NONE the hub's loop accepts and reads.
+A client connection has no thread of its own (see ``dopy.connection``).  Every socket has
 ``TCP_NODELAY``, so a small message leaves at once, and ``SO_KEEPALIVE``.
 
 Reference strings look like ``tcp:HOST:PORT:NAME``, with an IPv6 host in
@@ -20,6 +21,7 @@ from .connection import Connection, translate_os_error
 from .errors import CommunicationError, ConnectionClosedError
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .proxy import RemoteObject
+from .streams import SocketStream
 
 __all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
 
@@ -75,9 +77,14 @@ class TCPServer:
         except BaseException:
             self._close_fds()
             raise
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f'dopy-accept-{self.port}', daemon=True)
-        self._accept_thread.start()
+        self._accept_thread = None
+        if hub.threaded:
+            self._accept_thread = threading.Thread(
+                target=self._accept_loop, name=f'dopy-accept-{self.port}', daemon=True)
+            self._accept_thread.start()
+        else:
+            self._sock.setblocking(False)
+            hub.loop.add_reader(self._sock, self._accept_ready)
         log.info('serving on %s', self.address)
 
     @property
@@ -106,7 +113,9 @@ class TCPServer:
             self._closed = True
         deadline = time.monotonic() + timeout
         os.write(self._wake_w, b'x')
-        if self._accept_thread is not threading.current_thread():
+        if self._accept_thread is None:
+            self.hub.loop.remove_reader(self._sock)
+        elif self._accept_thread is not threading.current_thread():
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             workers = list(self._workers.items())
@@ -114,12 +123,12 @@ class TCPServer:
             connection.close()
         me = threading.current_thread()
         for _, thread in workers:
-            if thread is not me:
+            if thread is not None and thread is not me:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.warning('%s is still running a remote method; leaving it behind', thread.name)
         self.hub._remove_server(self)
-        if not self._accept_thread.is_alive():
+        if self._accept_thread is None or not self._accept_thread.is_alive():
             self._close_fds()
         log.info('stopped serving on %s', self.address)
 
@@ -165,26 +174,42 @@ class TCPServer:
                 continue
             self._start_worker(sock, address)
 
+    def _accept_ready(self, _sock):
+        """THRD_NONE: the loop saw a connection waiting."""
+        try:
+            sock, address = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log.error('accept on %s failed: %s', self.address, exc)
+            return
+        self._start_worker(sock, address)
+
     def _start_worker(self, sock, address):
         _tune(sock)
         peer = f'{_format_host(address[0])}:{address[1]}'
-        connection = Connection(sock, self.hub, peer, local_ip=sock.getsockname()[0])
-        thread = threading.Thread(target=self._serve, args=(connection,),
-                                  name=f'dopy-conn-{peer}', daemon=True)
         with self._lock:
             if self._closed:
-                connection.close()
+                sock.close()
                 return
+            connection = Connection(SocketStream(sock), self.hub, peer,
+                                    local_ip=sock.getsockname()[0], on_close=self.forget)
+            thread = None
+            if self.hub.threaded:
+                thread = threading.Thread(target=self._serve, args=(connection,),
+                                          name=f'dopy-conn-{peer}', daemon=True)
             self._workers[connection] = thread
         log.debug('accepted %s', peer)
-        thread.start()
+        if thread is not None:
+            thread.start()
 
     def _serve(self, connection):
-        try:
-            connection.serve()
-        finally:
-            with self._lock:
-                self._workers.pop(connection, None)
+        connection.serve()
+
+    def forget(self, connection):
+        """Stop tracking a connection that has ended."""
+        with self._lock:
+            self._workers.pop(connection, None)
 
 
 def _listen(host, port):
@@ -236,7 +261,7 @@ def _proxy(hub, host, port, name, timeout):
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
-        connection = Connection(sock, hub, address, local_ip=sock.getsockname()[0],
+        connection = Connection(SocketStream(sock), hub, address, local_ip=sock.getsockname()[0],
                                 close_when_unused=True)
         try:
             hub._add_connection(connection)

@@ -267,6 +267,7 @@ class NamingInProcesses(Case):
 
             listener = Listener()
             self.assertEqual(service.call_back(dopy.ref(listener), 1), 'heard 1')
+            got_event.clear()
             service.subscribe(dopy.ref(listener))
             service.publish(2)
             self.assertTrue(got_event.wait(TIMEOUT))

@@ -1,0 +1,143 @@
+"""The hub's select loop: one selector for reactors, the console and, in THRD_NONE, every socket.
+
+``run()`` is what ``Hub.mainloop`` runs; ``pump_until`` runs the same loop
+from inside a call that waits (a THRD_NONE call waiting for its reply, or
+for its socket to take more bytes), so nested calls need no threads.  The
+loop may be re-entered that way; a callback for a file object that went
+away meanwhile is skipped, and work left over by an outer iteration (frames
+a connection has decoded but not yet handled) is offered again before the
+loop blocks.  Only one thread runs a hub's loop at a time.
+"""
+
+import logging
+import os
+import selectors
+import threading
+import time
+
+from .errors import CallTimeoutError
+
+__all__ = ['Loop']
+
+log = logging.getLogger('dopy.loop')
+
+
+class Loop:
+    """A selector with readable callbacks, a wake-up pipe and a backlog of deferred work."""
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._callbacks = {}
+        self._backlog = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._stopping = False
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def add_reader(self, fileobj, callback):
+        """Call ``callback(fileobj)`` whenever ``fileobj`` (or a descriptor) is readable."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._callbacks:
+            raise ValueError(f'{fileobj!r} is already watched by this loop')
+        self._selector.register(fd, selectors.EVENT_READ)
+        self._callbacks[fd] = (fileobj, callback)
+
+    def remove_reader(self, fileobj):
+        """Stop watching ``fileobj``; False if it was not watched."""
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if self._callbacks.pop(fd, None) is None or self._closed:
+            return False
+        self._selector.unregister(fd)
+        return True
+
+    def defer(self, key, work):
+        """Run ``work()`` before the loop next blocks (once per ``key``)."""
+        self._backlog[key] = work
+
+    def stop(self):
+        """Make ``run()`` return; safe from any thread."""
+        self._stopping = True
+        self.wake()
+
+    def wake(self):
+        """Interrupt a blocked ``select``; safe from any thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._wake_w, b'x')
+            except BlockingIOError:
+                pass  # a full pipe wakes the loop just as well
+
+    @property
+    def stopping(self):
+        return self._stopping
+
+    def run(self, finished):
+        """Run until ``stop()``, or until ``finished()`` is true when the loop wakes."""
+        self._stopping = False
+        while not self._stopping and not finished():
+            self.run_once(None)
+
+    def pump_until(self, done, deadline, write_fd=None):
+        """Run the loop until ``done()`` is true; None, or ``CallTimeoutError`` at ``deadline``.
+
+        With ``write_fd``, also return as soon as that descriptor is writable.
+        """
+        while not done():
+            if self._closed:
+                return
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise CallTimeoutError('timed out waiting in the hub loop')
+            if self.run_once(timeout, write_fd):
+                return
+
+    def run_once(self, timeout, write_fd=None):
+        """One turn: deferred work, then one select and its callbacks. True if ``write_fd`` is writable."""
+        if self._backlog:
+            key, work = next(iter(self._backlog.items()))
+            del self._backlog[key]
+            work()
+            return False
+        if write_fd is not None:
+            self._selector.register(write_fd, selectors.EVENT_WRITE)
+        try:
+            events = self._selector.select(timeout)
+        finally:
+            if write_fd is not None:
+                self._selector.unregister(write_fd)
+        writable = False
+        for key, mask in events:
+            fd = key.fd
+            if fd == write_fd:
+                writable = True
+            elif fd == self._wake_r:
+                self._drain_wake()
+            else:
+                entry = self._callbacks.get(fd)
+                if entry is not None:
+                    entry[1](entry[0])
+        return writable
+
+    def _drain_wake(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        """Release the selector and the wake-up pipe. The loop is unusable after."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

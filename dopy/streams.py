@@ -1,0 +1,95 @@
+"""The byte streams a connection runs over: a socket, or a pair of pipes.
+
+A stream is non-blocking and raises ``OSError`` (``BlockingIOError`` when it
+would block); ``dopy.connection`` translates the rest.  ``shutdown()`` wakes
+any thread waiting to read and may be called from any thread;
+``close()`` releases the descriptors and is called once no thread can be
+using them.  ``wake_fd``, when not None, is a descriptor to wait on beside
+``read_fd``: it becomes readable at ``shutdown()`` for streams whose
+reading end cannot be woken otherwise (a pipe we do not own).
+"""
+
+import os
+import select
+import socket
+
+__all__ = ['SocketStream', 'PipeStream']
+
+
+class SocketStream:
+    """A connected stream socket."""
+
+    wake_fd = None
+
+    def __init__(self, sock):
+        sock.setblocking(False)
+        self.sock = sock
+        self.read_fd = self.write_fd = sock.fileno()
+        self.recv_into = sock.recv_into
+        self.send = sock.send
+        self.sendmsg = sock.sendmsg
+
+    def peek_closed(self):
+        """True if the peer has hung up, found without consuming anything."""
+        try:
+            return not self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+
+    def shutdown(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone: nothing left to wake
+
+    def close(self):
+        self.sock.close()
+
+
+class PipeStream:
+    """Reading from one pipe and writing to another: a child's stdio, or our own.
+
+    ``on_close`` runs after the descriptors are closed (to reap a child, or
+    to give this process its stdin and stdout back).
+    """
+
+    def __init__(self, read_fd, write_fd, on_close=None):
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self._on_close = on_close
+        self.wake_fd, self._wake_w = os.pipe()
+        self._closed = False
+
+    def recv_into(self, buffer):
+        return os.readv(self.read_fd, [buffer])
+
+    def send(self, data):
+        return os.write(self.write_fd, data)
+
+    def sendmsg(self, views):
+        return os.writev(self.write_fd, views)
+
+    def peek_closed(self):
+        """True if the writer has gone and nothing is left to read."""
+        poller = select.poll()
+        poller.register(self.read_fd, select.POLLIN)
+        events = poller.poll(0)
+        return bool(events) and not events[0][1] & select.POLLIN
+
+    def shutdown(self):
+        try:
+            os.write(self._wake_w, b'x')
+        except OSError:
+            pass  # closed already, or full: either way the reader is woken
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        # Closing our writing end is the end of input for the peer.
+        for fd in (self.write_fd, self.read_fd, self.wake_fd, self._wake_w):
+            os.close(fd)
+        if self._on_close is not None:
+            self._on_close()
