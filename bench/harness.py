@@ -37,7 +37,7 @@ def raise_fd_limit():
 
 
 def memory(pid):
-    """The current and peak resident set size of process ``pid``, in KiB."""
+    """The current and peak resident set size of process ``pid`` (or ``'self'``), in KiB."""
     fields = {}
     with open(f'/proc/{pid}/status') as status:
         for line in status:

@@ -27,13 +27,9 @@ import harness  # noqa: E402  (needs the path above for dopy)
 import scenarios  # noqa: E402
 import systems  # noqa: E402
 
-_PIPELINING_HOW = {
-    'floor': 'N requests sent, then N replies read',
-    'dopy': 'method.future() and method.oneway()',
-    'pyro5': 'batch proxy (all calls in one message) and @oneway',
-    'rpyc': 'rpyc.async_()',
-}
-
+# A case that takes a system this long is not repeated for it: once is
+# enough to show it is slow, and the full run stays within minutes.
+SLOW_RUN = 30.0
 
 def main(argv=None):
     args = _parse(argv)
@@ -43,13 +39,19 @@ def main(argv=None):
     machine = _machine()
     began = time.monotonic()
     runs = []
+    slow = set()
     for repetition in range(repetitions):
         for case in cases:
             for system in args.systems:
-                runs.append(_run_one(repetition, repetitions, case, system))
+                if (case.name, system) in slow:
+                    continue
+                run = _run_one(repetition, repetitions, case, system)
+                runs.append(run)
+                if run['seconds'] > SLOW_RUN:
+                    slow.add((case.name, system))
     seconds = time.monotonic() - began
     machine['load_average_after'] = os.getloadavg()
-    summary = _summarise(runs, args.systems, cases)
+    summary = _summarise(runs, args.systems, cases, repetitions)
     print(_table(summary, args.systems, cases, repetitions, machine, seconds))
     if args.json:
         with open(args.json, 'w') as out:
@@ -126,7 +128,7 @@ def _machine():
 _TOTALLED = {key for row in scenarios.ROWS for key in row.failures}
 
 
-def _summarise(runs, system_names, cases):
+def _summarise(runs, system_names, cases, repetitions):
     """Per system, case and metric: the values, their median (or total, for failure counts), the ratio."""
     summary = {}
     floor = {(run['repetition'], run['case']): run['metrics'] for run in runs if run['system'] == 'floor'}
@@ -134,6 +136,9 @@ def _summarise(runs, system_names, cases):
         for case in cases:
             mine = [run for run in runs if run['system'] == system and run['case'] == case.name]
             entry = summary.setdefault(system, {}).setdefault(case.name, {})
+            if len(mine) < repetitions:
+                entry['notes'] = {'runs': f'ran {len(mine)} of {repetitions} times: one run took '
+                                          f'{max(run["seconds"] for run in mine):.0f} s'}
             for run in mine:
                 for key, note in run['notes'].items():
                     entry.setdefault('notes', {}).setdefault(key, note)
@@ -188,7 +193,8 @@ def _table(summary, system_names, cases, repetitions, machine, seconds):
            f'{machine["system"]}',
            f'{repetitions} repetition(s) in {seconds:.0f} s; load average before '
            f'{machine["load_average_before"][0]:.2f}, after {machine["load_average_after"][0]:.2f}; '
-           f'medians' + ('; (r x) = ratio to the floor in the same repetition' if show_ratio else ''),
+           'medians' + ('; (r x) = ratio to the floor in the same repetition' if show_ratio else '')
+           + '; [n failed] = total over the repetitions',
            '', line(header), line(['-' * w for w in widths]), *map(line, body), '']
     notes = []
     for system in system_names:
@@ -199,8 +205,8 @@ def _table(summary, system_names, cases, repetitions, machine, seconds):
             for key, note in entry.get('notes', {}).items():
                 notes.append(f'{system} {case.name}: {note}')
     if 'pipelining' in {case.scenario for case in cases}:
-        notes.extend(f'{system} pipelining by {_PIPELINING_HOW[system]}'
-                     for system in system_names if system in _PIPELINING_HOW)
+        notes.extend(f'{system} pipelining by {systems.SYSTEMS[system].pipelining_how}'
+                     for system in system_names if systems.SYSTEMS[system].pipelining_how)
     out.extend(f'* {note}' for note in notes)
     return '\n'.join(out)
 

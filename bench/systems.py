@@ -18,6 +18,9 @@ import socket
 import struct
 import threading
 
+import dopy
+import dopy.tcp
+
 HOST = '127.0.0.1'
 OBJECT_NAME = 'bench'
 # No call of the benchmark legitimately takes this long; it only keeps a
@@ -60,6 +63,8 @@ class System:
     """The default behaviour of a system; subclasses fill in the rest."""
 
     name = None
+    # How ``pipelined`` and ``oneway`` do it, for the table's notes.
+    pipelining_how = None
 
     def hold(self, port):
         client = self.connect(port)
@@ -168,6 +173,7 @@ class Floor(System):
     """What Python itself can do: a thread per connection, a length prefix, one sendall a message."""
 
     name = 'floor'
+    pipelining_how = 'N requests sent, then N replies read'
 
     def serve(self, obj):
         listener = socket.create_server((HOST, 0))
@@ -208,21 +214,18 @@ class Dopy(System):
     """DOPY with its defaults: the process's hub, ``makeServer`` and ``remote``."""
 
     name = 'dopy'
+    pipelining_how = 'method.future() and method.oneway()'
 
     def serve(self, obj):
-        import dopy
-        import dopy.tcp
         hub = dopy.getHub()
         hub.addObject(OBJECT_NAME, obj)
         server = dopy.tcp.makeServer(0, HOST)
         return server.port, hub.shutdown
 
     def connect(self, port):
-        import dopy.tcp
         return dopy.tcp.remote(HOST, port, OBJECT_NAME)
 
     def close(self, client):
-        import dopy
         dopy.close(client)
 
     def pipelined(self, client):
@@ -319,6 +322,7 @@ class Pyro5System(System):
     """
 
     name = 'pyro5'
+    pipelining_how = 'a batch proxy (all the calls in one message) and @oneway'
 
     def serve(self, obj):
         import Pyro5.api
@@ -393,6 +397,7 @@ class Rpyc(System):
     """RPyC with its defaults: a ThreadedServer and a service exposing the three methods."""
 
     name = 'rpyc'
+    pipelining_how = 'rpyc.async_()'
 
     def serve(self, obj):
         import rpyc

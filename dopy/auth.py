@@ -232,7 +232,9 @@ class ServerHandshake(_Handshake):
         self._key = check_authkey(authkey)
         self._refusal = None
         if refusal is not None:
-            self._refusal = str(refusal).encode('utf-8')
+            if not isinstance(refusal, str):
+                raise TypeError(f'a refusal message is a str, not {type(refusal).__name__}')
+            self._refusal = refusal.encode('utf-8')
             if len(self._refusal) > MAX_REFUSAL_SIZE:
                 raise ValueError(f'a refusal message is at most {MAX_REFUSAL_SIZE} bytes '
                                  f'in UTF-8, not {len(self._refusal)}')
@@ -291,6 +293,7 @@ class ClientHandshake(_Handshake):
         return b''
 
     def feed(self, data):
+        """Take bytes from the server; return the bytes to send back; raise if the handshake fails."""
         if self._state == 'greeting':
             # Check the magic as it comes, so that a server of another
             # protocol is told apart at once rather than at the deadline.
@@ -533,12 +536,14 @@ def read_authkey_file(path):
     return key
 
 
-def authkey_from_env(environ=os.environ):
+def authkey_from_env(environ=None):
     """The authkey in the ``DOPY_AUTHKEY`` variable, as UTF-8 bytes; None if it is not set.
 
-    Raises ``ValueError`` if it is set but empty.
+    ``environ`` is a mapping to look in, ``os.environ`` by default (not a
+    default argument, which ``help()`` would print, key and all).  Raises
+    ``ValueError`` if the variable is set but empty.
     """
-    value = environ.get(ENV_VARIABLE)
+    value = (os.environ if environ is None else environ).get(ENV_VARIABLE)
     if value is None:
         return None
     if not value:

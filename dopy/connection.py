@@ -176,7 +176,7 @@ class Connection:
         bounds the wait for the reply.  Starts the reader thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = Future()
+        future = Future() if self._threaded else _LoopFuture(self.hub.loop)
         future.set_running_or_notify_cancel()
         self.start_reader()
         self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline)
@@ -524,6 +524,9 @@ class Connection:
 
     def _run(self, frame, call):
         outcome = call()
+        # Let go of the arguments now, so that the references among them are
+        # released behind this reply rather than behind a later frame.
+        call.args = call.kwargs = None
         if frame.kind == wire.ONEWAY:
             dispatch.log_oneway(frame.request_id, outcome)
             return
@@ -670,6 +673,29 @@ class Connection:
     def _close_socket(self):
         with self._send_lock:
             self._stream.close()
+
+
+class _LoopFuture(Future):
+    """THRD_NONE: a future whose waiting runs the hub's loop, which is what resolves it."""
+
+    def __init__(self, loop):
+        super().__init__()
+        self._loop = loop
+
+    def _pump(self, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._loop.pump_until(self.done, deadline)
+        except CallTimeoutError:
+            pass  # the Future's own wait reports the timeout
+
+    def result(self, timeout=None):
+        self._pump(timeout)
+        return super().result(0 if self.done() else timeout)
+
+    def exception(self, timeout=None):
+        self._pump(timeout)
+        return super().exception(0 if self.done() else timeout)
 
 
 def _remaining(deadline):

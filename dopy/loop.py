@@ -15,7 +15,7 @@ import selectors
 import threading
 import time
 
-from .errors import CallTimeoutError
+from .errors import CallTimeoutError, DopyError
 
 __all__ = ['Loop']
 
@@ -36,6 +36,8 @@ class Loop:
         self._stopping = False
         self._closed = False
         self._close_lock = threading.Lock()
+        self._owner = None
+        self._depth = 0
 
     def add_reader(self, fileobj, callback):
         """Call ``callback(fileobj)`` whenever ``fileobj`` (or a descriptor) is readable."""
@@ -44,6 +46,8 @@ class Loop:
             raise ValueError(f'{fileobj!r} is already watched by this loop')
         self._selector.register(fd, selectors.EVENT_READ)
         self._callbacks[fd] = (fileobj, callback)
+        # Another thread may be blocked in select() without this descriptor.
+        self.wake()
 
     def remove_reader(self, fileobj):
         """Stop watching ``fileobj``; False if it was not watched."""
@@ -78,15 +82,42 @@ class Loop:
 
     def run(self, finished):
         """Run until ``stop()``, or until ``finished()`` is true when the loop wakes."""
-        self._stopping = False
-        while not self._stopping and not finished():
-            self.run_once(None)
+        self._enter()
+        try:
+            self._stopping = False
+            while not self._stopping and not finished():
+                self.run_once(None)
+        finally:
+            self._leave()
 
     def pump_until(self, done, deadline, write_fd=None):
         """Run the loop until ``done()`` is true; None, or ``CallTimeoutError`` at ``deadline``.
 
         With ``write_fd``, also return as soon as that descriptor is writable.
         """
+        self._enter()
+        try:
+            self._pump(done, deadline, write_fd)
+        finally:
+            self._leave()
+
+    def _enter(self):
+        me = threading.get_ident()
+        with self._close_lock:
+            if self._owner not in (None, me):
+                raise DopyError('a THRD_NONE hub is driven by one thread: this call came from '
+                                'another thread while its loop runs (use THRD_CONN or THRD_FUNC '
+                                'for threads, or make the call from the loop thread)')
+            self._owner = me
+            self._depth += 1
+
+    def _leave(self):
+        with self._close_lock:
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+
+    def _pump(self, done, deadline, write_fd):
         while not done():
             if self._closed:
                 return

@@ -6,13 +6,19 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import unittest
 
 import dopy
 import dopy.tcp
+from dopy.connection import Connection
+from dopy.proxy import RemoteObject
+from dopy.streams import PipeStream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_SERVER = os.path.join(ROOT, 'tests', 'fixture_server.py')
+
+MODES = (dopy.THRD_CONN, dopy.THRD_FUNC, dopy.THRD_NONE)
 
 # Every wait in the tests is bounded by this, and every test by the watchdog.
 TIMEOUT = 10.0
@@ -28,24 +34,77 @@ class Case(unittest.TestCase):
 
 
 class HubCase(Case):
-    """A test with its own hub, shut down at the end."""
+    """A test with a server hub (``self.hub``) and a client hub, both shut down at the end.
+
+    ``thread_mode`` and ``transport`` ('tcp', or 'pipe': a pair of pipes
+    inside this process) say how; ``each_mode`` makes the variants.  In
+    THRD_NONE the server hub's loop runs in a thread of the test's, as it
+    would in the server's own process.
+    """
+
+    thread_mode = dopy.THRD_CONN
+    transport = 'tcp'
 
     def setUp(self):
         super().setUp()
-        self.hub = dopy.Hub()
+        self.hub = dopy.Hub(threadMode=self.thread_mode)
+        self.client_hub = dopy.Hub(threadMode=self.thread_mode)
+        self.server = None
+        if self.thread_mode == dopy.THRD_NONE:
+            loop = threading.Thread(target=self.hub.mainloop, kwargs={'console': False},
+                                    name='test-server-loop')
+            loop.start()
+            # Cleanups run last first: the shutdowns below stop the loop, then it is joined.
+            self.addCleanup(lambda: self.assertFalse(loop.is_alive(), "the server loop did not stop"))
+            self.addCleanup(loop.join, TIMEOUT)
+        self.addCleanup(self.client_hub.shutdown)
         self.addCleanup(self.hub.shutdown)
 
     def serve(self, obj, name='obj', timeout=TIMEOUT):
-        """Publish ``obj``, serve it on a free loopback port, return a proxy to it."""
+        """Publish ``obj``, serve it, return a proxy to it."""
         self.hub.addObject(name, obj)
-        if not getattr(self, 'server', None):
+        if self.transport == 'tcp' and self.server is None:
             self.server = dopy.tcp.makeServer(0, hub=self.hub)
         return self.proxy(name, timeout=timeout)
 
     def proxy(self, name='obj', timeout=TIMEOUT):
-        proxy = dopy.tcp.remote('127.0.0.1', self.server.port, name, timeout=timeout, hub=self.hub)
+        """A new proxy, on a connection of its own, from the client hub."""
+        if self.transport == 'tcp':
+            proxy = dopy.tcp.remote('127.0.0.1', self.server.port, name, timeout=timeout,
+                                    hub=self.client_hub)
+        else:
+            proxy = pipe_proxy(self.hub, self.client_hub, name, timeout)
         self.addCleanup(dopy.close, proxy)
         return proxy
+
+
+def pipe_proxy(server_hub, client_hub, name, timeout):
+    """A proxy to ``name`` of ``server_hub`` over two pipes, the way dopy.rsh links two processes."""
+    to_server, to_client = os.pipe(), os.pipe()
+    server_side = Connection(PipeStream(to_server[0], to_client[1]), server_hub, 'pipe client')
+    server_hub._add_connection(server_side)
+    if server_hub.threaded:
+        threading.Thread(target=server_side.serve, name='test-pipe-server', daemon=True).start()
+    client_side = Connection(PipeStream(to_client[0], to_server[1]), client_hub, 'pipe server',
+                             close_when_unused=True)
+    client_hub._add_connection(client_side)
+    return RemoteObject(f'pipe:{name}', name, None, timeout, connection=client_side)
+
+
+def each_mode(transports=('tcp',), modes=MODES):
+    """Class decorator: the class runs as THRD_CONN over TCP; add a variant for every other mode and transport."""
+    def decorate(cls):
+        module = sys.modules[cls.__module__]
+        for mode in modes:
+            for transport in transports:
+                if (mode, transport) == (cls.thread_mode, cls.transport):
+                    continue
+                name = f'{cls.__name__}_{mode}_{transport}'
+                setattr(module, name, type(cls)(name, (cls,), {
+                    'thread_mode': mode, 'transport': transport,
+                    '__module__': cls.__module__, '__qualname__': name}))
+        return cls
+    return decorate
 
 
 def child_env():

@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 from dopy import auth
 from dopy.errors import (AuthenticationError, CallTimeoutError, CommunicationError,
@@ -195,6 +196,8 @@ class Handshakes(unittest.TestCase):
             auth.ServerHandshake(None, refusal='x' * 1025)
         with self.assertRaises(ValueError):
             auth.ServerHandshake(None, refusal='é' * 513)  # 1026 bytes in UTF-8
+        with self.assertRaises(TypeError):
+            auth.ServerHandshake(None, refusal=b'bytes')
         client, _ = client_after_greeting(None, greeting(auth.REFUSED))
         self.assertEqual(client.wanted, 2)
         with self.assertRaisesRegex(ProtocolError, '1025 bytes'):
@@ -591,6 +594,10 @@ class AuthkeyHelpers(Case):
         self.assertEqual(auth.authkey_from_env({'DOPY_AUTHKEY': 'clé'}), 'clé'.encode('utf-8'))
         with self.assertRaisesRegex(ValueError, 'DOPY_AUTHKEY'):
             auth.authkey_from_env({'DOPY_AUTHKEY': ''})
+
+    def test_environment_defaults_to_os_environ(self):
+        with mock.patch.dict(os.environ, {'DOPY_AUTHKEY': 'from the environment'}):
+            self.assertEqual(auth.authkey_from_env(), b'from the environment')
 
 
 if __name__ == '__main__':

@@ -316,7 +316,7 @@ class Timeouts(HubCase):
         server = dopy.tcp.makeServer(0, hub=self.hub)
         for timeout in (0, -1):
             with self.subTest(timeout=timeout), self.assertRaises(ValueError):
-                dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=timeout, hub=self.hub)
+                dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=timeout, hub=self.client_hub)
 
 
 class ServerGoesAway(HubCase):
@@ -326,7 +326,7 @@ class ServerGoesAway(HubCase):
             port = s.getsockname()[1]
         start = time.monotonic()
         with self.assertRaises(dopy.CommunicationError) as caught:
-            dopy.tcp.remote('127.0.0.1', port, 'obj', hub=self.hub)
+            dopy.tcp.remote('127.0.0.1', port, 'obj', hub=self.client_hub)
         self.assertIsInstance(caught.exception, ConnectionError)
         self.assertIsInstance(caught.exception.__cause__, OSError)
         self.assertLess(time.monotonic() - start, TIMEOUT)
@@ -345,7 +345,7 @@ class ServerGoesAway(HubCase):
                     fillers.append(f)
                 start = time.monotonic()
                 try:
-                    dopy.tcp.remote('127.0.0.1', s.getsockname()[1], 'obj', timeout=0.5, hub=self.hub)
+                    dopy.tcp.remote('127.0.0.1', s.getsockname()[1], 'obj', timeout=0.5, hub=self.client_hub)
                 except dopy.CallTimeoutError:
                     self.assertLess(time.monotonic() - start, TIMEOUT)
                 except dopy.CommunicationError:
@@ -360,7 +360,7 @@ class ServerGoesAway(HubCase):
         self.hub.addObject('obj', Service())
         server = dopy.tcp.makeServer(0, hub=self.hub)
         port = server.port
-        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
         self.addCleanup(dopy.close, p)
         self.assertEqual(p.echo(1), 1)
         server.close()
@@ -403,11 +403,11 @@ class Addresses(HubCase):
     def test_server_as_context_manager(self):
         self.hub.addObject('obj', Service())
         with dopy.tcp.makeServer(0, hub=self.hub) as server:
-            p = dopy.tcp.remote('localhost', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+            p = dopy.tcp.remote('localhost', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
             self.assertEqual(p.echo('in'), 'in')
             dopy.close(p)
         with self.assertRaises(dopy.CommunicationError):
-            dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+            dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
 
     def test_ipv6_loopback(self):
         if not socket.has_ipv6:
@@ -417,7 +417,7 @@ class Addresses(HubCase):
         except dopy.CommunicationError as exc:
             self.skipTest(f'no IPv6 loopback here: {exc}')
         self.hub.addObject('obj', Service())
-        p = dopy.tcp.remote('::1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        p = dopy.tcp.remote('::1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
         self.addCleanup(dopy.close, p)
         self.assertEqual(p.echo('six'), 'six')
         self.assertEqual(str(p), f'tcp:[::1]:{server.port}:obj')
@@ -443,7 +443,7 @@ class MessageLimit(HubCase):
         self.addCleanup(hub.shutdown)
         hub.addObject('obj', Service())
         server = dopy.tcp.makeServer(0, hub=hub)
-        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
         self.addCleanup(dopy.close, p)
         with self.assertLogs('dopy', 'WARNING') as logs, self.assertRaises(dopy.ConnectionLostError):
             p.echo(b'x' * 20_000)

@@ -110,7 +110,7 @@ class Shutdown(HubCase):
         before = set(threading.enumerate())
         self.hub.addObject('e', Echo())
         server = dopy.tcp.makeServer(0, hub=self.hub)
-        proxies = [dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.hub)
+        proxies = [dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.client_hub)
                    for _ in range(5)]
         for p in proxies:
             self.assertEqual(p.echo(1), 1)
@@ -121,7 +121,7 @@ class Shutdown(HubCase):
             with self.assertRaises(dopy.CommunicationError):
                 p.echo(2)
         with self.assertRaises(dopy.CommunicationError):
-            dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.hub)
+            dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.client_hub)
 
     def test_shutdown_from_inside_a_remote_method(self):
         hub = self.hub

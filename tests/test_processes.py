@@ -90,7 +90,7 @@ class Scripts(HubCase):
                            'print("published", flush=True)\n')
         server.stdin.flush()
         self.assertEqual(read_line(server.stdout), 'published\n')
-        p = dopy.tcp.remote('127.0.0.1', port, 'greeter', timeout=TIMEOUT, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', port, 'greeter', timeout=TIMEOUT, hub=self.client_hub)
         self.assertEqual(p.greet('world'), 'hello world')
         dopy.close(p)
         status, _, err = stop(server)
@@ -109,7 +109,7 @@ class Scripts(HubCase):
         server.stdin.write('hub.addObject("hub", hub)\nprint("ready", flush=True)\n')
         server.stdin.flush()
         self.assertEqual(read_line(server.stdout), 'ready\n')
-        p = dopy.tcp.remote('127.0.0.1', port, 'hub', timeout=TIMEOUT, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', port, 'hub', timeout=TIMEOUT, hub=self.client_hub)
         with self.assertRaises(dopy.CommunicationError):
             p.shutdown()
         self.assertEqual(server.wait(TIMEOUT), 0)
@@ -173,7 +173,7 @@ def stop_with_input(proc, text):
 
 class ServerInAnotherProcess(HubCase):
     def remote(self, port, timeout=TIMEOUT):
-        p = dopy.tcp.remote('127.0.0.1', port, 'service', timeout=timeout, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', port, 'service', timeout=timeout, hub=self.client_hub)
         self.addCleanup(dopy.close, p)
         return p
 

@@ -7,7 +7,7 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import TIMEOUT, Case
+from tests.support import TIMEOUT, HubCase, each_mode
 
 
 class Recorder:
@@ -40,6 +40,9 @@ class Service:
     def save(self, callback):
         self.saved = callback
 
+    def call_saved(self, method, *args):
+        return getattr(self.saved, method)(*args)
+
     def fire_later(self, value):
         threading.Thread(target=lambda: (self.saved.ping(value), self.fired.set())).start()
 
@@ -59,21 +62,18 @@ class Counter:
         return self.n
 
 
-class TwoHubs(Case):
+class TwoHubs(HubCase):
     """A server hub with a service, and a client hub with no server of its own."""
 
     def setUp(self):
         super().setUp()
-        self.server_hub = dopy.Hub()
-        self.client_hub = dopy.Hub()
-        self.addCleanup(self.server_hub.shutdown)
-        self.addCleanup(self.client_hub.shutdown)
+        self.server_hub = self.hub
         self.service = Service()
-        self.server_hub.addObject('service', self.service)
-        self.server = dopy.tcp.makeServer(0, hub=self.server_hub)
-        self.p = self.remote('service')
+        self.p = self.serve(self.service, 'service')
 
     def remote(self, name, hub=None, server=None):
+        if server is None and hub is None:
+            return self.proxy(name)
         server = server or self.server
         proxy = dopy.tcp.remote('127.0.0.1', server.port, name, timeout=TIMEOUT,
                                 hub=hub or self.client_hub)
@@ -81,13 +81,13 @@ class TwoHubs(Case):
         return proxy
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class Callbacks(TwoHubs):
     def test_a_ref_arrives_as_a_proxy_whose_calls_run_here(self):
         recorder = Recorder()
-        kind, value, thread = self.p.call_back(dopy.ref(recorder), 7)
+        kind, value, _ = self.p.call_back(dopy.ref(recorder), 7)
         self.assertEqual((kind, value), ('pong', 7))
         self.assertEqual(recorder.calls, [7])
-        self.assertNotEqual(thread, threading.get_ident())
 
     def test_callbacks_need_no_server_on_the_client(self):
         self.assertEqual(self.client_hub.stats()['servers'], 0)
@@ -98,14 +98,6 @@ class Callbacks(TwoHubs):
         results = self.p.call_all([dopy.ref(r) for r in recorders])
         self.assertEqual([r[:2] for r in results], [('pong', 0), ('pong', 1), ('pong', 2)])
         self.assertEqual([r.calls for r in recorders], [[0], [1], [2]])
-
-    def test_a_callback_saved_and_fired_later_from_another_thread(self):
-        recorder = Recorder()
-        self.p.save(dopy.ref(recorder))
-        self.p.fire_later('later')
-        self.assertTrue(recorder.called.wait(TIMEOUT))
-        self.assertTrue(self.service.fired.wait(TIMEOUT))
-        self.assertEqual(recorder.calls, ['later'])
 
     def test_nested_callbacks_three_levels_deep(self):
         service = self.p
@@ -136,21 +128,18 @@ class Callbacks(TwoHubs):
         self.assertIs(dopy.ref(self.p), self.p)
 
 
-class ProxiesTravel(TwoHubs):
-    def test_a_proxy_to_a_third_hub_arrives_working(self):
-        other_hub = dopy.Hub()
-        self.addCleanup(other_hub.shutdown)
-        other_hub.addObject('counter', Counter())
-        other_server = dopy.tcp.makeServer(0, hub=other_hub)
-        counter = self.remote('counter', server=other_server)
-        self.assertEqual(counter.inc(), 1)
-        self.p.save(counter)
-        self.assertEqual(self.service.saved.inc(), 2)
-        self.assertEqual(str(self.service.saved), str(counter))
+@each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
+class ThreadedCallbacks(TwoHubs):
+    """Callbacks at any time: a threaded client reads while none of its threads waits."""
 
-    def test_a_proxy_sent_back_to_its_own_hub_is_the_object(self):
-        self.p.save(self.p)
-        self.assertIs(self.service.saved, self.service)
+    def test_a_callback_saved_and_fired_later_from_another_thread(self):
+        recorder = Recorder()
+        self.p.save(dopy.ref(recorder))
+        self.p.fire_later('later')
+        self.assertTrue(recorder.called.wait(TIMEOUT))
+        self.assertTrue(self.service.fired.wait(TIMEOUT))
+        self.assertEqual(recorder.calls, ['later'])
+
 
     def test_a_callback_proxy_forwarded_to_a_third_hub_still_calls_here(self):
         other_hub = dopy.Hub()
@@ -168,17 +157,41 @@ class ProxiesTravel(TwoHubs):
                          ('pong', 'relayed'))
         self.assertEqual(recorder.calls, ['relayed'])
 
+
+@each_mode()
+class AddressesTravel(TwoHubs):
+    """A reference to a published object carries its hub's TCP address."""
+
     def test_a_published_object_travels_with_its_address(self):
         self.client_hub.addObject('counter', Counter())
         client_server = dopy.tcp.makeServer(0, hub=self.client_hub)
         self.p.save(dopy.ref(self.client_hub.getObject('counter')))
         saved = self.service.saved
         self.assertEqual(str(saved), f'tcp:127.0.0.1:{client_server.port}:counter')
-        self.assertEqual(saved.inc(), 1)
+        self.assertEqual(self.p.call_saved('inc'), 1)
         # It has an address, so it outlives the connection that brought it.
+        other = self.proxy('service')
         dopy.close(self.p)
-        self.assertEqual(saved.inc(), 2)
+        self.assertEqual(other.call_saved('inc'), 2)
         self.assertEqual(pickle.loads(pickle.dumps(saved)), saved)
+
+
+@each_mode(transports=('tcp', 'pipe'))
+class ProxiesTravel(TwoHubs):
+    def test_a_proxy_to_a_third_hub_arrives_working(self):
+        other_hub = dopy.Hub()
+        self.addCleanup(other_hub.shutdown)
+        other_hub.addObject('counter', Counter())
+        other_server = dopy.tcp.makeServer(0, hub=other_hub)
+        counter = self.remote('counter', server=other_server)
+        self.assertEqual(counter.inc(), 1)
+        self.p.save(counter)
+        self.assertEqual(self.p.call_saved('inc'), 2)
+        self.assertEqual(str(self.service.saved), str(counter))
+
+    def test_a_proxy_sent_back_to_its_own_hub_is_the_object(self):
+        self.p.save(self.p)
+        self.assertIs(self.service.saved, self.service)
 
     def test_a_callback_proxy_cannot_be_pickled_outside_a_call(self):
         self.p.save(dopy.ref(Recorder()))
@@ -189,11 +202,13 @@ class ProxiesTravel(TwoHubs):
 
     def test_a_callback_dies_with_the_connection_that_brought_it(self):
         self.p.save(dopy.ref(Recorder()))
+        other = self.proxy('service')
         dopy.close(self.p)
         with self.assertRaises(dopy.CommunicationError):
-            self.service.saved.ping(1)
+            other.call_saved('ping', 1)
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class Lifetime(TwoHubs):
     def test_a_thousand_short_lived_refs_leave_no_trace(self):
         self.assertEqual(self.p.call_back(dopy.ref(Recorder()), 0)[:2], ('pong', 0))
@@ -217,7 +232,7 @@ class Lifetime(TwoHubs):
         self.p.identity(None)
         self.assertEqual(self.client_hub.stats()['exported_references'], 1)
         self.assertEqual(self.p.call_back(dopy.ref(recorder), 'again')[:2], ('pong', 'again'))
-        self.service.saved.ping('still')
+        self.assertEqual(self.p.call_saved('ping', 'still')[:2], ('pong', 'still'))
         self.service.saved = None
         gc.collect()
         self.p.identity(None)
@@ -238,6 +253,7 @@ class Lifetime(TwoHubs):
         self.assertEqual(self.remote('kept').inc(), 2)
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class ContainerProtocol(TwoHubs):
     def setUp(self):
         super().setUp()
