@@ -254,7 +254,7 @@ class Connection:
         if isinstance(exc, ConnectionClosedError):
             log.debug('connection with %s closed', self.peer)
         elif isinstance(exc, ProtocolError):
-            log.warning('closing connection with %s: %s', self.peer, exc)
+            pass  # logged by _refuse, before the connection closed
         elif isinstance(exc, ConnectionLostError) and exc.__cause__ is None and not self._decoder.pending:
             log.debug('%s closed the connection', self.peer)
         elif isinstance(exc, CommunicationError):
@@ -262,6 +262,11 @@ class Connection:
         else:
             log.error('closing connection with %s after an internal error', self.peer, exc_info=exc)
             self._shutdown(ConnectionClosedError(f'connection with {self.peer} closed after an internal error'))
+
+    def _refuse(self, exc):
+        """The peer broke the protocol: one log line, then close."""
+        log.warning('closing connection with %s: %s', self.peer, exc)
+        self._shutdown(exc)
 
     def _on_readable(self, _fd):
         """THRD_NONE: the loop saw data; read what is there and handle every whole frame."""
@@ -281,7 +286,7 @@ class Connection:
                 try:
                     self._decoder.advance(received)
                 except ProtocolError as exc:
-                    self._shutdown(exc)
+                    self._refuse(exc)
                     raise
             self._handle_ready()
         except Exception as exc:
@@ -560,7 +565,7 @@ class Connection:
             try:
                 decoder.advance(received)
             except ProtocolError as exc:
-                self._shutdown(exc)
+                self._refuse(exc)
                 raise
 
     def _send(self, segments, deadline):

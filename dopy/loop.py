@@ -136,21 +136,29 @@ class Loop:
             del self._backlog[key]
             work()
             return False
+        reading = write_fd in self._callbacks
         if write_fd is not None:
-            self._selector.register(write_fd, selectors.EVENT_WRITE)
+            # A socket is read and written through one descriptor.
+            if reading:
+                self._selector.modify(write_fd, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            else:
+                self._selector.register(write_fd, selectors.EVENT_WRITE)
         try:
             events = self._selector.select(timeout)
         finally:
             if write_fd is not None:
-                self._selector.unregister(write_fd)
+                if reading:
+                    self._selector.modify(write_fd, selectors.EVENT_READ)
+                else:
+                    self._selector.unregister(write_fd)
         writable = False
         for key, mask in events:
             fd = key.fd
-            if fd == write_fd:
+            if fd == write_fd and mask & selectors.EVENT_WRITE:
                 writable = True
-            elif fd == self._wake_r:
+            if fd == self._wake_r:
                 self._drain_wake()
-            else:
+            elif mask & selectors.EVENT_READ:
                 entry = self._callbacks.get(fd)
                 if entry is not None:
                     entry[1](entry[0])

@@ -234,9 +234,11 @@ class RemoteObject:
             return getattr(connection, _CALLS[how])(
                 self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CallTimeoutError:
-            # A new connection for the next call: a late reply, or a server
-            # still busy with this call, must not hold that one up.
-            link.drop(connection)
+            # A new connection for the next call, where there is an address to
+            # open one: a server still busy with this call must not hold that
+            # one up.  A late reply on the old one is discarded by its id.
+            if link.connect is not None:
+                link.drop(connection)
             raise
         except CommunicationError:
             if connection.closed:

@@ -1,5 +1,6 @@
 """Calls through a proxy over real sockets on 127.0.0.1, server and client in this process."""
 
+import contextlib
 import pickle
 import socket
 import threading
@@ -9,7 +10,7 @@ import unittest
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import TIMEOUT, HubCase
+from tests.support import TIMEOUT, HubCase, each_mode
 
 
 class Service:
@@ -64,6 +65,7 @@ class Unpicklable:
         raise TypeError('this object refuses to be pickled')
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class BasicCalls(HubCase):
     def setUp(self):
         super().setUp()
@@ -135,21 +137,6 @@ class BasicCalls(HubCase):
         with self.assertRaises(dopy.NoSuchObjectError):
             self.p.echo(1)
 
-    def test_reference_string_and_repr(self):
-        ref = f'tcp:127.0.0.1:{self.server.port}:obj'
-        self.assertEqual(str(self.p), ref)
-        self.assertIn(ref, repr(self.p))
-        self.assertIsInstance(self.p, dopy.RemoteObject)
-        again = self.hub.makeRemoteObject(ref, timeout=TIMEOUT)
-        self.addCleanup(dopy.close, again)
-        self.assertEqual(again.echo('via ref'), 'via ref')
-        self.assertEqual(str(again), ref)
-
-    def test_proxy_pickles_as_its_reference(self):
-        data = pickle.dumps(self.p)
-        self.assertIn(str(self.p).encode(), data)
-        self.assertLess(len(data), 200)
-
     def test_bad_reference_strings(self):
         for ref in ('nocolon', 'udp:host:1:x', 'tcp:host', 'tcp:host:port:x', 'tcp:host:1:'):
             with self.subTest(ref=ref), self.assertRaises(ValueError):
@@ -168,6 +155,29 @@ class BasicCalls(HubCase):
             p.echo(1)
 
 
+@each_mode()
+class TcpReferences(HubCase):
+    def setUp(self):
+        super().setUp()
+        self.p = self.serve(Service())
+
+    def test_reference_string_and_repr(self):
+        ref = f'tcp:127.0.0.1:{self.server.port}:obj'
+        self.assertEqual(str(self.p), ref)
+        self.assertIn(ref, repr(self.p))
+        self.assertIsInstance(self.p, dopy.RemoteObject)
+        again = self.client_hub.makeRemoteObject(ref, timeout=TIMEOUT)
+        self.addCleanup(dopy.close, again)
+        self.assertEqual(again.echo('via ref'), 'via ref')
+        self.assertEqual(str(again), ref)
+
+    def test_proxy_pickles_as_its_reference(self):
+        data = pickle.dumps(self.p)
+        self.assertIn(str(self.p).encode(), data)
+        self.assertLess(len(data), 200)
+
+
+@each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
 class Threads(HubCase):
     def test_many_threads_share_one_proxy_and_get_their_own_results(self):
         p = self.serve(Service())
@@ -190,6 +200,21 @@ class Threads(HubCase):
         self.assertFalse(any(t.is_alive() for t in threads))
         self.assertEqual(failures, [])
 
+    def test_timeout_of_one_thread_leaves_the_others_calls_alone(self):
+        service = Service()
+        shared = self.serve(service, timeout=0.3)
+        self.assertEqual(shared.echo(0), 0)
+        with self.assertRaises(dopy.CallTimeoutError):
+            shared.wait_for_release(1)
+        service.release.set()
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(shared.echo(i))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual(sorted(results), list(range(8)))
+
     def test_calls_of_other_threads_go_on_while_one_waits(self):
         service = Service()
         p = self.serve(service)
@@ -204,6 +229,7 @@ class Threads(HubCase):
         self.assertEqual(result, ['late'])
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class Pipelining(HubCase):
     def setUp(self):
         super().setUp()
@@ -219,15 +245,6 @@ class Pipelining(HubCase):
         with self.assertRaises(KeyError) as caught:
             future.result(TIMEOUT)
         self.assertEqual(caught.exception.dopy_traceback[-1].name, 'fail')
-
-    def test_future_fails_when_the_connection_is_lost(self):
-        future = self.p.wait_for_release.future('never')
-        self.assertTrue(self.service.started.wait(TIMEOUT))
-        with self.assertLogs('dopy', 'WARNING'):
-            self.server.close(timeout=0.1)
-        with self.assertRaises(dopy.ConnectionLostError):
-            future.result(TIMEOUT)
-        self.service.release.set()
 
     def test_sync_calls_still_work_beside_futures(self):
         future = self.p.echo.future('async')
@@ -250,13 +267,16 @@ class Pipelining(HubCase):
             self.assertEqual(self.p.echo('after'), 'after')
         self.assertIn("KeyError: 'nobody waits'", '\n'.join(logs.output))
 
-    def test_the_reader_thread_is_joined_at_shutdown(self):
+    def test_no_thread_is_left_after_shutdown(self):
         self.assertEqual(self.p.echo.future(1).result(TIMEOUT), 1)
-        self.assertTrue(any(t.name.startswith('dopy-reader') for t in threading.enumerate()))
+        readers = [t for t in threading.enumerate() if t.name.startswith('dopy-reader')]
+        self.assertEqual(bool(readers), self.client_hub.threaded)
+        self.client_hub.shutdown()
         self.hub.shutdown()
         self.assertFalse(any(t.name.startswith('dopy-') for t in threading.enumerate()))
 
 
+@each_mode(transports=('tcp', 'pipe'))
 class Timeouts(HubCase):
     def test_timeout_raises_and_the_next_call_gets_its_own_reply(self):
         service = Service()
@@ -271,23 +291,8 @@ class Timeouts(HubCase):
         self.assertEqual(p.echo('fresh'), 'fresh')
         self.assertEqual(p.echo('fresh again'), 'fresh again')
 
-    def test_timeout_of_one_thread_leaves_the_others_calls_alone(self):
-        service = Service()
-        self.hub.addObject('obj', service)
-        self.server = dopy.tcp.makeServer(0, hub=self.hub)
-        shared = self.proxy(timeout=0.3)
-        self.assertEqual(shared.echo(0), 0)
-        with self.assertRaises(dopy.CallTimeoutError):
-            shared.wait_for_release(1)
-        service.release.set()
-        results = []
-        threads = [threading.Thread(target=lambda i=i: results.append(shared.echo(i))) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-        self.assertEqual(sorted(results), list(range(8)))
-
+@each_mode()
+class TcpTimeouts(HubCase):
     def test_late_reply_on_a_shared_connection_is_discarded_by_id(self):
         service = Service()
         self.hub.addObject('obj', service)
@@ -319,7 +324,25 @@ class Timeouts(HubCase):
                 dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=timeout, hub=self.client_hub)
 
 
+@each_mode()
 class ServerGoesAway(HubCase):
+    def stuck_call_warning(self):
+        """Closing a server whose connection thread is stuck in a method warns (the other modes have no such thread)."""
+        return (self.assertLogs("dopy", "WARNING") if self.hub.threadMode == dopy.THRD_CONN
+                else contextlib.nullcontext())
+
+    def test_future_fails_when_the_connection_is_lost(self):
+        self.service = Service()
+        self.p = self.serve(self.service)
+        future = self.p.wait_for_release.future('never')
+        self.assertTrue(self.service.started.wait(TIMEOUT))
+        with self.stuck_call_warning():
+            self.server.close(timeout=0.1)
+        with self.assertRaises(dopy.ConnectionLostError):
+            future.result(TIMEOUT)
+        self.service.release.set()
+
+
     def test_no_server_listening_is_a_communication_error(self):
         with socket.socket() as s:
             s.bind(('127.0.0.1', 0))
@@ -383,7 +406,7 @@ class ServerGoesAway(HubCase):
         caller = threading.Thread(target=call)
         caller.start()
         self.assertTrue(service.started.wait(TIMEOUT))
-        with self.assertLogs('dopy', 'WARNING'):
+        with self.stuck_call_warning():
             self.server.close(timeout=0.1)
         caller.join(TIMEOUT)
         service.release.set()
@@ -392,6 +415,7 @@ class ServerGoesAway(HubCase):
         self.assertIsInstance(errors[0], dopy.ConnectionLostError)
 
 
+@each_mode()
 class Addresses(HubCase):
     def test_server_port_zero_and_close_is_idempotent(self):
         server = dopy.tcp.makeServer(0, hub=self.hub)
@@ -421,7 +445,7 @@ class Addresses(HubCase):
         self.addCleanup(dopy.close, p)
         self.assertEqual(p.echo('six'), 'six')
         self.assertEqual(str(p), f'tcp:[::1]:{server.port}:obj')
-        again = self.hub.makeRemoteObject(str(p), timeout=TIMEOUT)
+        again = self.client_hub.makeRemoteObject(str(p), timeout=TIMEOUT)
         self.addCleanup(dopy.close, again)
         self.assertEqual(again.echo(6), 6)
 
