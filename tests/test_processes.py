@@ -11,7 +11,7 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import (ROOT, TIMEOUT, HubCase, ServerProcess, read_line, spawn, stop)
+from tests.support import (MODES, ROOT, TIMEOUT, HubCase, ServerProcess, read_line, spawn, stop)
 
 DOPYSERVER = os.path.join(ROOT, 'dopyserver')
 DOPYCLIENT = os.path.join(ROOT, 'dopyclient')
@@ -81,20 +81,22 @@ class Scripts(HubCase):
         self.assertIn('bad port', client.stderr)
 
     def test_a_line_typed_into_the_console_publishes_an_object(self):
-        server, port = start_dopyserver('--port', '0')
-        server.stdin.write('class Greeter:\n'
-                           '    def greet(self, who):\n'
-                           '        return "hello " + who\n'
-                           '\n'
-                           'hub.addObject("greeter", Greeter())\n'
-                           'print("published", flush=True)\n')
-        server.stdin.flush()
-        self.assertEqual(read_line(server.stdout), 'published\n')
-        p = dopy.tcp.remote('127.0.0.1', port, 'greeter', timeout=TIMEOUT, hub=self.client_hub)
-        self.assertEqual(p.greet('world'), 'hello world')
-        dopy.close(p)
-        status, _, err = stop(server)
-        self.assertEqual(status, 0, err)
+        for mode in MODES:
+            with self.subTest(mode=mode):
+                server, port = start_dopyserver('--port', '0', '--thread-mode', mode)
+                server.stdin.write('class Greeter:\n'
+                                   '    def greet(self, who):\n'
+                                   '        return "hello " + who\n'
+                                   '\n'
+                                   'hub.addObject("greeter", Greeter())\n'
+                                   'print("published", hub.threadMode, flush=True)\n')
+                server.stdin.flush()
+                self.assertEqual(read_line(server.stdout), f'published {mode}\n')
+                p = dopy.tcp.remote('127.0.0.1', port, 'greeter', timeout=TIMEOUT, hub=self.client_hub)
+                self.assertEqual(p.greet('world'), 'hello world')
+                dopy.close(p)
+                status, _, err = stop(server)
+                self.assertEqual(status, 0, err)
 
     def test_console_prints_values_and_tracebacks_and_goes_on(self):
         server, _ = start_dopyserver('--port', '0')
