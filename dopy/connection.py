@@ -195,7 +195,8 @@ class Connection:
         # overtake a frame that already refers to the released object.
         with self._send_lock:
             try:
-                data, buffers = self._dumps((name, method, args, kwargs))
+                data, buffers = self._dumps((name, method, tuple(map(wire.out_of_band, args)),
+                                             {k: wire.out_of_band(v) for k, v in kwargs.items()}))
             except Exception as exc:
                 raise SerializationError(
                     f'the arguments of {name}.{method}() could not be pickled on the client: '

@@ -124,7 +124,7 @@ def reply_segments(request_id, outcome, dumps=wire.dumps):
     if not outcome.ok:
         return error_reply(request_id, outcome.value, outcome.tb, dumps)
     try:
-        data, buffers = dumps(outcome.value)
+        data, buffers = dumps(wire.out_of_band(outcome.value))
     except Exception as exc:
         error = SerializationError(
             f'the result of {outcome.label}() could not be pickled on the server: '

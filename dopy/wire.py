@@ -43,7 +43,7 @@ from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
-    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads',
+    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band',
     'frame_segments', 'encode',
 ]
 
@@ -67,10 +67,13 @@ _MAX_BUFFERS = (1 << 16) - 1
 # costs more than the copy it saves.
 OUT_OF_BAND_THRESHOLD = 64 * 1024
 
-# Frames up to this size are read through the decoder's staging buffer, so
-# one recv can bring several of them; larger payloads get a buffer of their
-# own, allocated once at their declared size and filled in place.
-_STAGING_SIZE = 256 * 1024
+# Frames up to _STAGING_MAX bytes are read through the decoder's staging
+# buffer, so one recv can bring several of them; larger payloads get a
+# buffer of their own, allocated once at their declared size and filled in
+# place.  The staging buffer starts small, so that an idle connection costs
+# little memory, and grows to fit the frames that come.
+_STAGING_START = 16 * 1024
+_STAGING_MAX = 256 * 1024
 
 
 class Frame:
@@ -89,10 +92,34 @@ class Frame:
                 f'{len(self.data)} bytes, {len(self.buffers)} buffers)')
 
 
+class _OutOfBand:
+    """A large ``bytes`` or ``bytearray`` to send out of band, rebuilt as its own type.
+
+    Pickle protocol 5 keeps these two types inside the pickle; wrapped, they
+    travel as a separate segment sent from their own memory.
+    """
+
+    __slots__ = ('data',)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def out_of_band(value):
+    """``value``, wrapped to travel out of band if it is a large ``bytes`` or ``bytearray``."""
+    if type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND_THRESHOLD:
+        return _OutOfBand(value)
+    return value
+
+
 def dumps(obj):
     """Pickle ``obj`` for the wire: returns ``(pickle_bytes, buffers)``.
 
     Raises whatever pickling raises; the caller says which side failed.
+    Wrap large values with ``out_of_band`` first to keep them out of the pickle.
     """
     buffers = []
 
@@ -159,7 +186,7 @@ class Decoder:
         if max_size < 0:
             raise ValueError('max_size must not be negative')
         self.max_size = max_size
-        self._staging = bytearray(_STAGING_SIZE)
+        self._staging = bytearray(_STAGING_START)
         self._view = memoryview(self._staging)
         self._start = 0
         self._end = 0
@@ -210,6 +237,16 @@ class Decoder:
         """The next complete frame, or None if there is none yet."""
         return self._ready.popleft() if self._ready else None
 
+    def _grow(self, needed):
+        size = len(self._staging)
+        while size < needed:
+            size *= 2
+        staging = bytearray(min(size, _STAGING_MAX))
+        remaining = self._end - self._start
+        staging[:remaining] = self._view[self._start:self._end]
+        self._staging, self._view = staging, memoryview(staging)
+        self._start, self._end = 0, remaining
+
     def _compact(self):
         remaining = self._end - self._start
         self._view[:remaining] = self._view[self._start:self._end]
@@ -227,11 +264,14 @@ class Decoder:
                 self._start = body_start + length
                 self._ready.append(_make_frame(header, payload))
                 continue
-            if HEADER.size + length > len(self._staging):
+            needed = HEADER.size + length
+            if needed > _STAGING_MAX:
                 payload = bytearray(length)
                 payload[:available] = view[body_start:self._end]
                 self._start = self._end = 0
                 self._large = (payload, available, header)
+            elif needed > len(self._staging):
+                self._grow(needed)
             return
         if self._start == self._end:
             self._start = self._end = 0

@@ -60,7 +60,38 @@ class FrameLayout(unittest.TestCase):
             wire.frame_segments(wire.CALL, 2 ** 64, b'')
 
 
+class OutOfBand(unittest.TestCase):
+    def round_trip(self, value):
+        data, buffers = wire.dumps(wire.out_of_band(value))
+        decoder = wire.Decoder()
+        decoder.feed(b''.join(bytes(s) for s in wire.frame_segments(wire.REPLY, 1, data, buffers)))
+        frame = decoder.next_frame()
+        return data, buffers, wire.loads(frame.data, frame.buffers)
+
+    def test_large_bytes_and_bytearray_leave_the_pickle_and_come_back_as_themselves(self):
+        for value in (bytes(range(256)) * 400, bytearray(b'z' * 100_000)):
+            with self.subTest(type=type(value)):
+                data, buffers, back = self.round_trip(value)
+                self.assertEqual(len(buffers), 1)
+                self.assertLess(len(data), 200)
+                self.assertIs(type(back), type(value))
+                self.assertEqual(back, value)
+
+    def test_small_values_and_other_types_stay_as_they_are(self):
+        for value in (b'small', bytearray(b'x' * 100), 'text' * 50_000, [b'y' * 100_000]):
+            with self.subTest(type=type(value)):
+                self.assertIs(wire.out_of_band(value), value)
+
+
 class Decoding(unittest.TestCase):
+    def test_frames_larger_than_the_first_staging_buffer_decode(self):
+        messages = [(wire.REPLY, i, b'm' * size) for i, size in enumerate((10, 20_000, 100_000, 250_000, 5))]
+        stream = b''.join(wire.encode(*m) for m in messages)
+        decoder = wire.Decoder()
+        for i in range(0, len(stream), 4096):
+            decoder.feed(stream[i:i + 4096])
+        self.assertEqual([decoded(f) for f in frames_of(decoder)], messages)
+
     def test_every_message_fed_one_byte_at_a_time(self):
         stream = b''.join(wire.encode(*m) for m in MESSAGES)
         decoder = wire.Decoder()
