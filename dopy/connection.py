@@ -45,10 +45,10 @@ from collections import deque
 from concurrent.futures import Future
 
 from . import dispatch, proxy, remote_exc, wire
-from .hub import THRD_FUNC
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
+from .hub import THRD_FUNC
 
 __all__ = ['Connection', 'translate_os_error']
 

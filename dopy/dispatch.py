@@ -5,7 +5,7 @@ name must be an identifier that does not start with ``_`` (so no dunders
 and no dotted paths), and it must name something callable: data attributes
 and properties are refused without being read.
 
-Nothing a caller does makes ``run`` or ``reply_segments`` raise: a missing
+Nothing a caller does makes ``prepare``, a ``Call`` or ``reply_segments`` raise: a missing
 object, a refused name, arguments that do not unpickle, an exception in the
 method, a result that does not pickle, each becomes an ERROR reply.  The
 two are apart so that the connection can pickle and send a reply in one
@@ -17,7 +17,7 @@ import logging
 from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
-__all__ = ['CONTAINER_METHODS', 'Call', 'Outcome', 'check_method_name', 'resolve', 'prepare', 'run',
+__all__ = ['CONTAINER_METHODS', 'Call', 'Outcome', 'check_method_name', 'resolve', 'prepare',
            'reply_segments', 'log_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
@@ -112,11 +112,6 @@ def prepare(lookup, frame, loads=wire.loads):
     except Exception as exc:
         log.debug('refused call %d: %s', frame.request_id, exc)
         return Call(None, None, None, None, exc)
-
-
-def run(lookup, frame, loads=wire.loads):
-    """Prepare and run the ``frame``: its ``Outcome``."""
-    return prepare(lookup, frame, loads)()
 
 
 def reply_segments(request_id, outcome, dumps=wire.dumps):

@@ -45,7 +45,7 @@ def run(obj, name, method, args=(), kwargs=None, raw=None):
 
     data = raw if raw is not None else pickle.dumps((name, method, args, kwargs or {}))
     frame = wire.Frame(wire.CALL, 42, data)
-    segments = dispatch.reply_segments(42, dispatch.run(lookup, frame))
+    segments = dispatch.reply_segments(42, dispatch.prepare(lookup, frame)())
     decoder = wire.Decoder()
     for segment in segments:
         decoder.feed(segment)
