@@ -66,31 +66,27 @@ def register_scheme(scheme, factory):
 class Hub:
     """The registry of published objects, and the owner of servers and connections.
 
+    ``Hub(*, threadMode=THRD_CONN, pool_size=32, max_message_size=1 GiB,
+    call_timeout=None, authkey=None)``, all keyword arguments:
+
     ``max_message_size`` bounds every frame this hub receives, in bytes.
     ``call_timeout`` (seconds, or None for no limit) bounds the calls of
     proxies this hub makes from references it receives or unpickles, which
     have no ``remote(timeout=...)`` of their own.  ``threadMode`` is one of
     ``THRD_CONN``, ``THRD_FUNC``, ``THRD_NONE``; ``pool_size`` bounds the
-    THRD_FUNC pool.
+    THRD_FUNC pool.  ``authkey`` (bytes) is the key this hub's servers and
+    proxies use when they are not given one (see ``dopy.auth``).
     """
 
-    def __init__(self, *, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
-                 max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None):
-        if threadMode not in _MODES:
-            raise ValueError(f'threadMode must be one of {", ".join(_MODES)}, not {threadMode!r}')
-        if not isinstance(pool_size, int) or pool_size <= 0:
-            raise ValueError(f'pool_size must be a positive int, not {pool_size!r}')
-        if not isinstance(max_message_size, int) or max_message_size <= 0:
-            raise ValueError(f'max_message_size must be a positive int, not {max_message_size!r}')
-        if call_timeout is not None and not (isinstance(call_timeout, (int, float)) and call_timeout > 0):
-            raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
-        self.settings = {'threadMode': threadMode, 'pool_size': pool_size,
-                         'max_message_size': max_message_size, 'call_timeout': call_timeout}
-        self.threadMode = threadMode
-        self.max_message_size = max_message_size
-        self.call_timeout = call_timeout
+    def __init__(self, **settings):
+        self.settings = _checked_settings(**settings)
+        self.authkey = self.settings['authkey']
+        self.threadMode = self.settings['threadMode']
+        self.max_message_size = self.settings['max_message_size']
+        self.call_timeout = self.settings['call_timeout']
         self.loop = Loop()
-        self._pool = Pool(pool_size, 'dopy-call') if threadMode == THRD_FUNC else None
+        self._pool = (Pool(self.settings['pool_size'], 'dopy-call')
+                      if self.threadMode == THRD_FUNC else None)
         self._loop_thread = None
         self._objects = {}
         self._names = {}
@@ -299,6 +295,24 @@ class Hub:
             self._connections.add(connection)
 
 
+def _checked_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
+                      max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None, authkey=None):
+    """A hub's settings, checked; the keyword arguments and defaults of ``Hub``."""
+    if authkey is not None and not (isinstance(authkey, (bytes, bytearray)) and authkey):
+        raise TypeError('authkey must be non-empty bytes, or None')
+    if threadMode not in _MODES:
+        raise ValueError(f'threadMode must be one of {", ".join(_MODES)}, not {threadMode!r}')
+    if not isinstance(pool_size, int) or pool_size <= 0:
+        raise ValueError(f'pool_size must be a positive int, not {pool_size!r}')
+    if not isinstance(max_message_size, int) or max_message_size <= 0:
+        raise ValueError(f'max_message_size must be a positive int, not {max_message_size!r}')
+    if call_timeout is not None and not (isinstance(call_timeout, (int, float)) and call_timeout > 0):
+        raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
+    return {'threadMode': threadMode, 'pool_size': pool_size,
+            'max_message_size': max_message_size, 'call_timeout': call_timeout,
+            'authkey': None if authkey is None else bytes(authkey)}
+
+
 def _stdin_fd():
     try:
         return sys.stdin.fileno()
@@ -328,10 +342,12 @@ def init(**settings):
     global _hub
     with _hub_lock:
         if _hub is not None and not _hub.closed:
-            wanted = Hub(**settings).settings
-            if wanted != _hub.settings:
-                raise DopyError(f'the hub already exists with settings {_hub.settings}; '
-                                f'init() cannot change them to {wanted}')
+            wanted = _checked_settings(**settings)
+            changed = sorted(k for k in wanted if wanted[k] != _hub.settings[k])
+            if changed:
+                # Names only: the values may include a key.
+                raise DopyError(f'the hub already exists; init() cannot change its settings '
+                                f'{", ".join(changed)}')
             return _hub
         _hub = Hub(**settings)
         return _hub

@@ -9,6 +9,8 @@ a connection has decoded but not yet handled) is offered again before the
 loop blocks.  Only one thread runs a hub's loop at a time.
 """
 
+import heapq
+import itertools
 import logging
 import os
 import selectors
@@ -38,6 +40,8 @@ class Loop:
         self._close_lock = threading.Lock()
         self._owner = None
         self._depth = 0
+        self._timers = []
+        self._timer_ids = itertools.count()
 
     def add_reader(self, fileobj, callback):
         """Call ``callback(fileobj)`` whenever ``fileobj`` (or a descriptor) is readable."""
@@ -56,6 +60,27 @@ class Loop:
             return False
         self._selector.unregister(fd)
         return True
+
+    def call_later(self, delay, work):
+        """Run ``work()`` from the loop after ``delay`` seconds; returns a handle whose ``cancel()`` stops it."""
+        timer = _Timer(time.monotonic() + delay, next(self._timer_ids), work)
+        heapq.heappush(self._timers, timer)
+        self.wake()
+        return timer
+
+    def _run_timers(self):
+        """Run the timers that are due; the seconds until the next one, or None."""
+        while self._timers:
+            timer = self._timers[0]
+            wait = timer.when - time.monotonic()
+            if timer.cancelled:
+                heapq.heappop(self._timers)
+            elif wait > 0:
+                return wait
+            else:
+                heapq.heappop(self._timers)
+                timer.work()
+        return None
 
     def defer(self, key, work):
         """Run ``work()`` before the loop next blocks (once per ``key``)."""
@@ -136,6 +161,9 @@ class Loop:
             del self._backlog[key]
             work()
             return False
+        next_timer = self._run_timers()
+        if next_timer is not None and (timeout is None or next_timer < timeout):
+            timeout = next_timer
         reading = write_fd in self._callbacks
         if write_fd is not None:
             # A socket is read and written through one descriptor.
@@ -180,3 +208,21 @@ class Loop:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+class _Timer:
+    """A piece of work due at a ``time.monotonic()`` time."""
+
+    __slots__ = ('when', 'order', 'work', 'cancelled')
+
+    def __init__(self, when, order, work):
+        self.when = when
+        self.order = order
+        self.work = work
+        self.cancelled = False
+
+    def __lt__(self, other):
+        return (self.when, self.order) < (other.when, other.order)
+
+    def cancel(self):
+        self.cancelled = True

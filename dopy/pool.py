@@ -32,16 +32,15 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise RuntimeError('the pool is shut down')
-            start = self._idle <= 0 and len(self._threads) < self._size
-            if start:
+            self._queue.put(work)
+            if self._idle <= 0 and len(self._threads) < self._size:
+                # Started under the lock, so that shutdown never meets a thread not yet started.
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f'{self._name}-{len(self._threads)}')
                 self._threads.append(thread)
+                thread.start()
             else:
                 self._idle -= 1
-        self._queue.put(work)
-        if start:
-            thread.start()
 
     def shutdown(self, timeout):
         """Drop the work not yet started and join the threads, waiting at most ``timeout`` seconds."""

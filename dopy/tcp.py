@@ -8,6 +8,13 @@ A client connection has no thread of its own (see ``dopy.connection``).  Every s
 
 Reference strings look like ``tcp:HOST:PORT:NAME``, with an IPv6 host in
 brackets: ``tcp:[::1]:9600:myObject``.
+
+Every connection starts with the handshake of ``dopy.auth``, before any
+pickle in either direction: with an ``authkey``, mutual HMAC
+authentication; without one, a server answers only loopback peers
+(protected mode) unless it was made ``insecure``.  A server over its
+``max_connections`` refuses new peers the same way, and goes on serving
+the others.
 """
 
 import logging
@@ -17,8 +24,10 @@ import socket
 import threading
 import time
 
+from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
+                   is_loopback, server_handshake)
 from .connection import Connection, translate_os_error
-from .errors import CommunicationError, ConnectionClosedError
+from .errors import CommunicationError, ConnectionClosedError, DopyError
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .proxy import RemoteObject
 from .streams import SocketStream
@@ -34,26 +43,43 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 _BACKLOG = 128
 
 
-def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None):
+PROTECTED_MODE_REFUSAL = (
+    'this DOPY server has no authkey, so it answers only clients on its own machine; '
+    'give the server and its clients the same authkey (authkey=, --authkey-file or '
+    'DOPY_AUTHKEY), or start it insecure to accept anyone')
+TOO_MANY_REFUSAL = 'this DOPY server is at its limit of {} connections; try again later'
+
+
+def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, insecure=False,
+               max_connections=None):
     """Serve ``hub``'s objects (the process's hub by default) on a TCP port.
 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
     this machine only, ``''`` every interface (IPv4 and IPv6 where the
     system allows), and an IPv6 literal such as ``'::1'`` works too.  Port 0
-    picks a free port; ``server.port`` tells which.
+    picks a free port; ``server.port`` tells which.  ``authkey`` (bytes;
+    the hub's by default) makes every client prove it knows the key, and
+    the server prove it too, before anything is unpickled.  Without a key
+    the server answers only loopback clients, unless ``insecure`` is true.
+    ``max_connections`` bounds the connections served at once.
     """
-    return TCPServer(port, host, hub if hub is not None else getHub())
+    hub = hub if hub is not None else getHub()
+    return TCPServer(port, host, hub, authkey if authkey is not None else hub.authkey,
+                     insecure, max_connections)
 
 
-def remote(host, port, name, *, timeout=None, hub=None):
+def remote(host, port, name, *, timeout=None, hub=None, authkey=None):
     """A proxy for the object published as ``name`` by the server at ``host:port``.
 
     ``timeout`` (seconds) bounds connecting and every call; None, the
     default, lets a call wait as long as it takes, while connecting is still
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
-    that is down raises ``CommunicationError`` here.
+    that is down raises ``CommunicationError`` here.  ``authkey`` (bytes;
+    the hub's by default) is the key the server must share; a client with a
+    key refuses a server that does not authenticate.
     """
-    proxy = _proxy(hub if hub is not None else getHub(), host, port, name, timeout)
+    hub = hub if hub is not None else getHub()
+    proxy = _proxy(hub, host, port, name, timeout, authkey if authkey is not None else hub.authkey)
     proxy._dopy_link.get()
     return proxy
 
@@ -61,10 +87,18 @@ def remote(host, port, name, *, timeout=None, hub=None):
 class TCPServer:
     """A listening socket that serves its hub's objects; see ``makeServer``."""
 
-    def __init__(self, port, host, hub):
+    def __init__(self, port, host, hub, authkey=None, insecure=False, max_connections=None):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f'port must be an int from 0 to 65535, not {port!r}')
+        if max_connections is not None and not (isinstance(max_connections, int) and max_connections > 0):
+            raise ValueError(f'max_connections must be a positive int or None, not {max_connections!r}')
         self.hub = hub
+        self.authkey = check_authkey(authkey)
+        self.insecure = bool(insecure)
+        self.max_connections = max_connections
+        if self.insecure and self.authkey is None:
+            log.warning('serving without an authkey to anyone who can reach the port: '
+                        'any of them can run code in this process')
         self._sock = _listen(host, port)
         self.host = host
         self.port = self._sock.getsockname()[1]
@@ -119,8 +153,8 @@ class TCPServer:
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             workers = list(self._workers.items())
-        for connection, _ in workers:
-            connection.close()
+        for peer, _ in workers:
+            peer.close()
         me = threading.current_thread()
         for _, thread in workers:
             if thread is not None and thread is not me:
@@ -135,7 +169,7 @@ class TCPServer:
     def connections(self):
         """The connections this server is serving now."""
         with self._lock:
-            return list(self._workers)
+            return [peer.connection for peer in self._workers if peer.connection is not None]
 
     def advertise(self, local_ip):
         """``tcp:IP:PORT`` if a peer that reached this host at ``local_ip`` can reach this server."""
@@ -187,29 +221,131 @@ class TCPServer:
 
     def _start_worker(self, sock, address):
         _tune(sock)
-        peer = f'{_format_host(address[0])}:{address[1]}'
+        peer = _Peer(sock, f'{_format_host(address[0])}:{address[1]}')
         with self._lock:
             if self._closed:
                 sock.close()
                 return
-            connection = Connection(SocketStream(sock), self.hub, peer,
-                                    local_ip=sock.getsockname()[0], on_close=self.forget)
+            refusal = self._refusal(address[0])
             thread = None
             if self.hub.threaded:
-                thread = threading.Thread(target=self._serve, args=(connection,),
-                                          name=f'dopy-conn-{peer}', daemon=True)
-            self._workers[connection] = thread
-        log.debug('accepted %s', peer)
+                thread = threading.Thread(target=self._serve, args=(peer, refusal),
+                                          name=f'dopy-conn-{peer.name}', daemon=True)
+            self._workers[peer] = thread
+        log.debug('accepted %s', peer.name)
         if thread is not None:
             thread.start()
+        else:
+            self._handshake_in_loop(peer, refusal)
 
-    def _serve(self, connection):
-        connection.serve()
+    def _refusal(self, ip):
+        """Why a peer at ``ip`` is refused, or None (called with the lock held)."""
+        if self.max_connections is not None and len(self._workers) >= self.max_connections:
+            return TOO_MANY_REFUSAL.format(self.max_connections)
+        if self.authkey is None and not self.insecure and not is_loopback(ip):
+            return PROTECTED_MODE_REFUSAL
+        return None
 
-    def forget(self, connection):
-        """Stop tracking a connection that has ended."""
+    def _serve(self, peer, refusal):
+        try:
+            server_handshake(peer.sock, self.authkey, refusal,
+                             time.monotonic() + DEFAULT_HANDSHAKE_TIMEOUT)
+        except (DopyError, OSError):
+            # dopy.auth has logged why, in one line.
+            peer.sock.close()
+            self.forget(peer)
+            return
+        if self._connect(peer):
+            peer.connection.serve()
+
+    def _handshake_in_loop(self, peer, refusal):
+        """THRD_NONE: the handshake, driven by the loop, so that a slow peer stalls no one."""
+        loop = self.hub.loop
+        handshake = ServerHandshake(self.authkey, refusal)
+        sock = peer.sock
+        sock.setblocking(False)
+
+        def fail(why):
+            log.warning('handshake with %s failed: %s', peer.name, why)
+            timer.cancel()
+            loop.remove_reader(sock)
+            sock.close()
+            self.forget(peer)
+
+        def on_readable(_sock):
+            try:
+                data = sock.recv(handshake.wanted)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                fail(exc)
+                return
+            if not data:
+                fail('the peer closed the connection during the handshake')
+                return
+            try:
+                sock.send(handshake.feed(data))
+            except OSError as exc:
+                fail(exc)
+                return
+            if handshake.failed:
+                fail(handshake.error)
+            elif handshake.done:
+                timer.cancel()
+                loop.remove_reader(sock)
+                self._connect(peer)
+
+        timer = loop.call_later(DEFAULT_HANDSHAKE_TIMEOUT, lambda: fail('timed out'))
+        try:
+            # A greeting is a few dozen bytes: an empty socket buffer takes it whole.
+            sock.send(handshake.initial())
+        except OSError as exc:
+            fail(exc)
+            return
+        if handshake.failed:
+            fail(handshake.error)
+        elif handshake.done:
+            timer.cancel()
+            self._connect(peer)
+        else:
+            loop.add_reader(sock, on_readable)
+
+    def _connect(self, peer):
+        """The handshake is over: make the peer a connection, unless the server closed meanwhile."""
         with self._lock:
-            self._workers.pop(connection, None)
+            if self._closed or peer not in self._workers:
+                peer.sock.close()
+                return False
+            peer.connection = Connection(SocketStream(peer.sock), self.hub, peer.name,
+                                         local_ip=peer.sock.getsockname()[0],
+                                         on_close=lambda _c: self.forget(peer))
+        return True
+
+    def forget(self, peer):
+        """Stop tracking a peer that has gone."""
+        with self._lock:
+            self._workers.pop(peer, None)
+
+
+class _Peer:
+    """An accepted socket: in its handshake, then a connection."""
+
+    __slots__ = ('sock', 'name', 'connection')
+
+    def __init__(self, sock, name):
+        self.sock = sock
+        self.name = name
+        self.connection = None
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+        else:
+            # Wakes a handshake waiting to read; its thread closes the socket.
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _listen(host, port):
@@ -243,7 +379,7 @@ def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
 
-def _proxy(hub, host, port, name, timeout):
+def _proxy(hub, host, port, name, timeout, authkey):
     if not isinstance(name, str) or not name:
         raise TypeError(f'an object name must be a non-empty str, not {name!r}')
     if not isinstance(port, int) or not 0 < port <= 65535:
@@ -256,11 +392,17 @@ def _proxy(hub, host, port, name, timeout):
     def connect():
         if hub.closed:
             raise ConnectionClosedError('the hub of this proxy has been shut down')
+        deadline = time.monotonic() + connect_timeout
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
+        try:
+            client_handshake(sock, authkey, deadline)
+        except BaseException:
+            sock.close()
+            raise
         connection = Connection(SocketStream(sock), hub, address, local_ip=sock.getsockname()[0],
                                 close_when_unused=True)
         try:
@@ -287,7 +429,7 @@ def _parse_reference(rest):
 
 def _from_reference(hub, rest, timeout, connect):
     host, port, name = _parse_reference(rest)
-    proxy = _proxy(hub, host, port, name, timeout)
+    proxy = _proxy(hub, host, port, name, timeout, hub.authkey)
     if connect:
         proxy._dopy_link.get()
     return proxy

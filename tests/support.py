@@ -4,13 +4,16 @@ import faulthandler
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import unittest
 
 import dopy
 import dopy.tcp
+from dopy.auth import client_handshake
 from dopy.connection import Connection
 from dopy.proxy import RemoteObject
 from dopy.streams import PipeStream
@@ -105,6 +108,13 @@ def each_mode(transports=('tcp',), modes=MODES):
                     '__module__': cls.__module__, '__qualname__': name}))
         return cls
     return decorate
+
+
+def raw_client(port, authkey=None):
+    """A plain socket to a DOPY server on 127.0.0.1, past the handshake: frames go next."""
+    sock = socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT)
+    client_handshake(sock, authkey, time.monotonic() + TIMEOUT)
+    return sock
 
 
 def child_env():

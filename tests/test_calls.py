@@ -10,7 +10,7 @@ import unittest
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import TIMEOUT, HubCase, each_mode
+from tests.support import raw_client, TIMEOUT, HubCase, each_mode
 
 
 class Service:
@@ -300,7 +300,7 @@ class TcpTimeouts(HubCase):
         listener = socket.create_server(('127.0.0.1', 0))
         self.addCleanup(listener.close)
         # A hand-written peer that answers the second call first, then the first.
-        client = socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT)
+        client = raw_client(self.server.port)
         self.addCleanup(client.close)
         client.sendall(wire.encode(wire.CALL, 1, ('obj', 'wait_for_release', ('first',), {})))
         self.assertTrue(service.started.wait(TIMEOUT))

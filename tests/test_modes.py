@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import dopy
 import dopy.rsh
 import dopy.tcp
 from dopy import wire
-from tests.support import MODES, ROOT, TIMEOUT, Case, HubCase, each_mode
+from tests.support import raw_client, MODES, ROOT, TIMEOUT, Case, HubCase, each_mode
 
 FIXTURE_STDIO = os.path.join(ROOT, 'tests', 'fixture_stdio.py')
 
@@ -36,7 +35,7 @@ class SingleThreaded(HubCase):
 
     def test_a_half_frame_from_one_client_does_not_stall_the_others(self):
         p = self.serve(Slow())
-        stalled = socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT)
+        stalled = raw_client(self.server.port)
         self.addCleanup(stalled.close)
         frame = wire.encode(wire.CALL, 1, ('obj', 'echo', ('never finished',), {}))
         stalled.sendall(frame[:len(frame) // 2])
