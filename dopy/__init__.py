@@ -1,7 +1,7 @@
 """DOPY, Distributed Objects for Python: call objects in another process as if they were here."""
 
-from . import naming, rsh, tb, tcp
-from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
+from . import auth, naming, rsh, tb, tcp
+from .errors import (AuthenticationError, CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, DopyError, MessageTooLargeError,
                      NamingError, NoSuchMethodError, NoSuchObjectError, ProtocolError, RemoteError,
                      SerializationError)
@@ -12,8 +12,8 @@ __version__ = '1.0.0'
 
 __all__ = [
     'Hub', 'getHub', 'init', 'THRD_CONN', 'THRD_FUNC', 'THRD_NONE',
-    'RemoteObject', 'Ref', 'ref', 'close', 'naming', 'rsh', 'tb', 'tcp',
-    'DopyError', 'CommunicationError', 'ConnectionClosedError', 'ConnectionLostError',
+    'RemoteObject', 'Ref', 'ref', 'close', 'auth', 'naming', 'rsh', 'tb', 'tcp',
+    'DopyError', 'AuthenticationError', 'CommunicationError', 'ConnectionClosedError', 'ConnectionLostError',
     'CallTimeoutError', 'ProtocolError', 'MessageTooLargeError', 'SerializationError',
     'NoSuchObjectError', 'NoSuchMethodError', 'NamingError', 'RemoteError',
 ]

@@ -395,8 +395,13 @@ def server_handshake(sock, authkey, refusal=None, deadline=None):
         # DOPY's CommunicationErrors are OSErrors too.  A client without
         # the key, or with a key meeting an OPEN server, just hangs up:
         # that is a ConnectionLostError here.
-        log.warning('handshake with %s failed: %s', peer, exc)
+        log_failure(peer, exc)
         raise
+
+
+def log_failure(peer, why):
+    """The one log line of a handshake that failed on the server's side."""
+    log.warning('handshake with %s failed: %s', peer, why)
 
 
 def client_handshake(sock, authkey, deadline=None):

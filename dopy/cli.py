@@ -5,7 +5,7 @@ import logging
 import sqlite3
 import sys
 
-from . import naming, rsh, tcp
+from . import auth, naming, rsh, tcp
 from .errors import CommunicationError, DopyError
 from .hub import THRD_CONN, THRD_FUNC, THRD_NONE, init
 
@@ -57,9 +57,14 @@ def server_main(argv=None):
     parser.add_argument('--naming', nargs='?', const='', metavar='PATH',
                         help=f'also publish a naming context as "{naming.DEFAULT_KEY}": '
                              'in memory, or kept in the SQLite file PATH when given')
+    _add_authkey_option(parser)
+    parser.add_argument('--insecure', action='store_true',
+                        help='without an authkey, answer clients on other machines too '
+                             '(by default only this machine\'s): any of them can run code here')
     args = parser.parse_args(argv)
+    authkey = _authkey(parser, args)
     logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
-    hub = init(threadMode=args.thread_mode)
+    hub = init(threadMode=args.thread_mode, authkey=authkey)
     test = TestObject()
     hub.addObject(TEST_OBJECT_NAME, test)
     if args.naming is not None:
@@ -81,7 +86,7 @@ def server_main(argv=None):
             hub.shutdown()
         return 0
     try:
-        server = tcp.makeServer(args.port, host=args.host)
+        server = tcp.makeServer(args.port, host=args.host, insecure=args.insecure)
     except (CommunicationError, ValueError) as exc:
         print(f'dopyserver: {exc}', file=sys.stderr)
         return 1
@@ -119,7 +124,9 @@ def client_main(argv=None):
                              'to it over its standard input and output instead of TCP')
     parser.add_argument('--timeout', type=float, default=10.0,
                         help='seconds to wait for connecting and for each call (default %(default)s)')
+    _add_authkey_option(parser)
     args = parser.parse_args(argv)
+    authkey = _authkey(parser, args)
     if args.stdio:
         where = args.stdio
         connect = lambda: rsh.remote(args.stdio, TEST_OBJECT_NAME, timeout=args.timeout)
@@ -129,7 +136,8 @@ def client_main(argv=None):
         except ValueError as exc:
             parser.error(str(exc))
         where = _join_address(host, port)
-        connect = lambda: tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout)
+        connect = lambda: tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout,
+                                     authkey=authkey)
     print(f'connecting to {where}...', flush=True)
     try:
         proxy = connect()
@@ -147,6 +155,22 @@ def client_main(argv=None):
                 return 1
             print(f'test of {title} ok', flush=True)
     return 0
+
+
+def _add_authkey_option(parser):
+    parser.add_argument('--authkey-file', metavar='FILE',
+                        help=f'read the authkey from FILE (else from ${auth.ENV_VARIABLE}, if set); '
+                             'server and clients must share it. Never give a key on the command '
+                             'line, where other users can see it.')
+
+
+def _authkey(parser, args):
+    try:
+        if args.authkey_file:
+            return auth.read_authkey_file(args.authkey_file)
+        return auth.authkey_from_env()
+    except (OSError, ValueError) as exc:
+        parser.error(f'no authkey: {exc}')
 
 
 def _test_basic(proxy):

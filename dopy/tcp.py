@@ -25,7 +25,7 @@ import threading
 import time
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
-                   is_loopback, server_handshake)
+                   is_loopback, log_failure, server_handshake)
 from .connection import Connection, translate_os_error
 from .errors import CommunicationError, ConnectionClosedError, DopyError
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
@@ -96,6 +96,8 @@ class TCPServer:
         self.authkey = check_authkey(authkey)
         self.insecure = bool(insecure)
         self.max_connections = max_connections
+        # Seconds a new peer has to finish the handshake; may be changed at any time.
+        self.handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT
         if self.insecure and self.authkey is None:
             log.warning('serving without an authkey to anyone who can reach the port: '
                         'any of them can run code in this process')
@@ -249,7 +251,7 @@ class TCPServer:
     def _serve(self, peer, refusal):
         try:
             server_handshake(peer.sock, self.authkey, refusal,
-                             time.monotonic() + DEFAULT_HANDSHAKE_TIMEOUT)
+                             time.monotonic() + self.handshake_timeout)
         except (DopyError, OSError):
             # dopy.auth has logged why, in one line.
             peer.sock.close()
@@ -266,7 +268,7 @@ class TCPServer:
         sock.setblocking(False)
 
         def fail(why):
-            log.warning('handshake with %s failed: %s', peer.name, why)
+            log_failure(peer.name, why)
             timer.cancel()
             loop.remove_reader(sock)
             sock.close()
@@ -295,7 +297,7 @@ class TCPServer:
                 loop.remove_reader(sock)
                 self._connect(peer)
 
-        timer = loop.call_later(DEFAULT_HANDSHAKE_TIMEOUT, lambda: fail('timed out'))
+        timer = loop.call_later(self.handshake_timeout, lambda: fail('timed out'))
         try:
             # A greeting is a few dozen bytes: an empty socket buffer takes it whole.
             sock.send(handshake.initial())

@@ -1,6 +1,8 @@
 """What the tests share: a per-test watchdog, hubs with servers, and processes with bounded waits."""
 
+import contextlib
 import faulthandler
+import logging
 import os
 import select
 import signal
@@ -34,6 +36,39 @@ class Case(unittest.TestCase):
     def setUp(self):
         faulthandler.dump_traceback_later(TEST_WATCHDOG, exit=True)
         self.addCleanup(faulthandler.cancel_dump_traceback_later)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, count):
+        super().__init__()
+        self.records = []
+        self.count = count
+        self.enough = threading.Event()
+
+    def emit(self, record):
+        self.records.append(record)
+        if len(self.records) >= self.count:
+            self.enough.set()
+
+
+@contextlib.contextmanager
+def logged(logger='dopy', level=logging.WARNING, count=1):
+    """Collect ``logger``'s records; on exit, wait (bounded) until ``count`` have come from any thread."""
+    target = logging.getLogger(logger)
+    handler = _Collect(count)
+    handler.setLevel(level)
+    old_level = target.level
+    target.addHandler(handler)
+    if target.getEffectiveLevel() > level:
+        target.setLevel(level)
+    try:
+        yield handler.records
+        if not handler.enough.wait(TIMEOUT):
+            raise AssertionError(f'fewer than {count} {logging.getLevelName(level)} records on '
+                                 f'{logger} within {TIMEOUT} s: {[r.getMessage() for r in handler.records]}')
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(old_level)
 
 
 class HubCase(Case):

@@ -1,0 +1,312 @@
+"""Security and robustness: authentication before any pickle, refusals, and bad input that harms no one."""
+
+import logging
+import random
+import socket
+import threading
+import time
+import unittest
+
+import dopy
+import dopy.tcp
+from dopy import auth, wire
+from tests import netns
+from tests.support import MODES, TIMEOUT, HubCase, each_mode, logged, raw_client
+
+KEY = b'a key shared by server and client'
+UNPICKLED = threading.Event()
+
+
+def mark_unpickled():
+    UNPICKLED.set()
+
+
+class Trap:
+    """Sets UNPICKLED if anyone ever unpickles it."""
+
+    def __reduce__(self):
+        return mark_unpickled, ()
+
+
+class Echo:
+    def echo(self, value):
+        return value
+
+
+@each_mode(modes=MODES)
+class Authentication(HubCase):
+    def setUp(self):
+        super().setUp()
+        self.hub.addObject('obj', Echo())
+
+    def connect(self, server_key, client_key):
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, authkey=server_key)
+        return dopy.tcp.remote('127.0.0.1', self.server.port, 'obj', timeout=TIMEOUT,
+                               hub=self.client_hub, authkey=client_key)
+
+    def test_the_same_key_on_both_sides(self):
+        p = self.connect(KEY, KEY)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo('authenticated'), 'authenticated')
+
+    def test_the_hubs_key_is_the_default(self):
+        hub = dopy.Hub(threadMode=dopy.THRD_CONN, authkey=KEY)
+        self.addCleanup(hub.shutdown)
+        hub.addObject('obj', Echo())
+        server = dopy.tcp.makeServer(0, hub=hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo(1), 1)
+        with self.assertRaises(dopy.AuthenticationError):
+            dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+
+    def test_a_wrong_key_is_refused_and_logged_once_by_the_server(self):
+        with logged('dopy.auth') as records:
+            with self.assertRaisesRegex(dopy.AuthenticationError, 'not the server'):
+                self.connect(KEY, b'some other key')
+        self.assertEqual(len(records), 1)
+        self.assertNotIn(KEY.decode(), records[0].getMessage())
+
+    def test_no_key_against_a_server_that_wants_one(self):
+        with logged('dopy.auth'):
+            with self.assertRaisesRegex(dopy.AuthenticationError, 'requires an authkey'):
+                self.connect(KEY, None)
+
+    def test_a_client_with_a_key_refuses_a_server_without_one(self):
+        with self.assertRaisesRegex(dopy.AuthenticationError, 'does not authenticate'):
+            self.connect(None, KEY)
+
+    def test_nothing_from_an_unauthenticated_peer_is_unpickled(self):
+        UNPICKLED.clear()
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, authkey=KEY)
+        sock = socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        greeting = sock.recv(auth.GREETING.size)
+        self.assertEqual(greeting[:8], auth.MAGIC)
+        with logged('dopy.auth'):
+            frame = wire.encode(wire.CALL, 1, ('obj', 'echo', (Trap(),), {}))
+            sock.sendall(frame * 4)
+            self.assertEqual(sock.recv(10), b'\x00')
+        self.assertFalse(UNPICKLED.is_set())
+
+    def test_a_silent_peer_is_dropped_at_the_handshake_deadline_while_others_are_served(self):
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, authkey=KEY)
+        self.server.handshake_timeout = 0.3
+        silent = socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT)
+        self.addCleanup(silent.close)
+        p = dopy.tcp.remote('127.0.0.1', self.server.port, 'obj', timeout=TIMEOUT,
+                            hub=self.client_hub, authkey=KEY)
+        self.addCleanup(dopy.close, p)
+        with logged('dopy.auth'):
+            self.assertEqual(p.echo('served'), 'served')
+            start = time.monotonic()
+            silent.recv(auth.GREETING.size)
+            self.assertEqual(silent.recv(1), b'')
+            self.assertLess(time.monotonic() - start, TIMEOUT)
+
+
+@each_mode(modes=MODES)
+class ConnectionLimit(HubCase):
+    def test_past_the_limit_new_peers_are_refused_and_the_others_served(self):
+        self.hub.addObject('obj', Echo())
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, max_connections=2)
+        first, second = self.proxy(), self.proxy()
+        self.assertEqual(first.echo(1), 1)
+        with logged('dopy.auth'):
+            with self.assertRaisesRegex(dopy.AuthenticationError, 'limit of 2 connections'):
+                self.proxy()
+        self.assertEqual(second.echo(2), 2)
+        dopy.close(first)
+        self.assertEqual(second.echo(3), 3)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                third = self.proxy()
+                break
+            except dopy.AuthenticationError:
+                # The server notices the closed connection a moment later.
+                self.assertLess(time.monotonic() - deadline, 0)
+        self.assertEqual(third.echo(4), 4)
+
+    def test_bad_limits(self):
+        for limit in (0, -1, 1.5):
+            with self.subTest(limit=limit), self.assertRaises(ValueError):
+                dopy.tcp.makeServer(0, hub=self.hub, max_connections=limit)
+
+
+@each_mode(modes=MODES)
+class BadInput(HubCase):
+    """Whatever a peer sends, its connection alone is closed, with one log line, and others are served."""
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.serve(Echo())
+
+    def send_and_expect_close(self, data):
+        sock = raw_client(self.server.port)
+        self.addCleanup(sock.close)
+        with logged('dopy', logging.WARNING) as records:
+            sock.sendall(data)
+            sock.settimeout(TIMEOUT)
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+            self.assertEqual(self.p.echo('still served'), 'still served')
+        return [r.getMessage() for r in records]
+
+    def header(self, magic=b'DOPY', version=wire.VERSION, kind=wire.CALL, nbuf=0, length=0):
+        return wire.HEADER.pack(magic, version, kind, nbuf, 1, length)
+
+    def test_each_kind_of_bad_frame_closes_only_its_connection(self):
+        cases = {
+            'wrong magic': b'GET / HTTP/1.1\r\n\r\n',
+            'wrong version': self.header(version=99),
+            'unknown kind': self.header(kind=200),
+            'a frame of 2**60 bytes': self.header(length=2 ** 60),
+            'buffer table past the end': self.header(nbuf=5, length=8) + b'x' * 8,
+        }
+        for what, data in cases.items():
+            with self.subTest(what):
+                output = self.send_and_expect_close(data)
+                self.assertEqual(len([line for line in output if 'closing connection' in line]), 1, output)
+
+    def test_a_pickle_that_raises_on_load_is_an_error_reply_and_the_connection_lives(self):
+        sock = raw_client(self.server.port)
+        self.addCleanup(sock.close)
+        bad = b'\x80\x05cbuiltins\nnothing_here\n)R.'
+        sock.sendall(b''.join(wire.frame_segments(wire.CALL, 7, bad)) +
+                     wire.encode(wire.CALL, 8, ('obj', 'echo', ('after',), {})))
+        decoder = wire.Decoder()
+        frames = []
+        while len(frames) < 2:
+            decoder.feed(sock.recv(65536))
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+        self.assertEqual((frames[0].kind, frames[0].request_id), (wire.ERROR, 7))
+        self.assertEqual((frames[1].kind, wire.loads(frames[1].data)), (wire.REPLY, 'after'))
+
+    def test_seeded_fuzz(self):
+        rng = random.Random(5)
+        valid = wire.encode(wire.CALL, 1, ('obj', 'echo', ('fuzz',), {}))
+        inputs = []
+        for i in range(1500):
+            choice = i % 3
+            if choice == 0:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))
+            elif choice == 1:
+                data = bytearray(valid)
+                for _ in range(rng.randrange(1, 6)):
+                    data[rng.randrange(len(data))] = rng.getrandbits(8)
+                data = bytes(data)
+            else:
+                data = valid[:rng.randrange(1, len(valid))]
+            inputs.append(data)
+        sockets = []
+        try:
+            for data in inputs[:200]:
+                sock = raw_client(self.server.port)
+                sockets.append(sock)
+                sock.sendall(data)
+            for sock in sockets:
+                sock.close()
+            stream = raw_client(self.server.port)
+            sockets = [stream]
+            stream.sendall(b''.join(inputs[200:]))
+            stream.close()
+        finally:
+            for sock in sockets:
+                sock.close()
+        for i in range(20):
+            self.assertEqual(self.p.echo(i), i)
+
+    def test_a_half_frame_then_silence_does_not_hold_up_others(self):
+        sock = raw_client(self.server.port)
+        self.addCleanup(sock.close)
+        sock.sendall(wire.encode(wire.CALL, 1, ('obj', 'echo', ('x' * 1000,), {}))[:500])
+        start = time.monotonic()
+        for i in range(50):
+            self.assertEqual(self.p.echo(i), i)
+        self.assertLess(time.monotonic() - start, TIMEOUT)
+
+
+NETNS_REASON = netns.unavailable()
+
+
+@unittest.skipIf(NETNS_REASON, NETNS_REASON)
+class AcrossHosts(unittest.TestCase):
+    """Three hosts in network namespaces, so that traffic crosses a real network stack."""
+
+    SERVER = '''
+import sys, dopy, dopy.tcp
+class Echo:
+    def echo(self, value):
+        return value
+    def slow(self, seconds):
+        import time; time.sleep(seconds); return seconds
+key = sys.argv[1].encode() if len(sys.argv) > 1 and sys.argv[1] else None
+hub = dopy.getHub()
+hub.addObject('obj', Echo())
+server = dopy.tcp.makeServer(0, host='', authkey=key)
+print(server.port, flush=True)
+sys.stdin.read()
+hub.shutdown()
+'''
+
+    CLIENT = '''
+import sys, time, dopy, dopy.tcp
+host, port, key = sys.argv[1], int(sys.argv[2]), (sys.argv[3].encode() if sys.argv[3] else None)
+try:
+    p = dopy.tcp.remote(host, port, 'obj', timeout=3, authkey=key)
+    print('ok', p.echo('across'), flush=True)
+    if len(sys.argv) > 4:
+        print('calling', flush=True)
+        start = time.monotonic()
+        try:
+            p.slow(60)
+        except dopy.CommunicationError as exc:
+            print('failed after', round(time.monotonic() - start, 1), type(exc).__name__, flush=True)
+except dopy.DopyError as exc:
+    print('error', type(exc).__name__, exc, flush=True)
+'''
+
+    def start_server(self, host, key=''):
+        proc = host.python('-c', self.SERVER, key)
+        self.addCleanup(proc.kill)
+        return proc, int(proc.stdout.readline())
+
+    def run_client(self, host, server_host, port, key='', *extra):
+        proc = host.python('-c', self.CLIENT, server_host.ip, str(port), key, *extra)
+        out, _ = proc.communicate(timeout=TIMEOUT * 2)
+        return out
+
+    def test_protected_mode_refuses_another_host_and_a_key_lets_it_in(self):
+        with netns.Network(3) as net:
+            server_host, client_host, _ = net.hosts
+            _, port = self.start_server(server_host)
+            out = self.run_client(client_host, server_host, port)
+            self.assertIn('error AuthenticationError', out)
+            self.assertIn('only clients on its own machine', out)
+            _, keyed_port = self.start_server(server_host, 'shared')
+            self.assertIn('ok across', self.run_client(client_host, server_host, keyed_port, 'shared'))
+            self.assertIn('error AuthenticationError',
+                          self.run_client(client_host, server_host, keyed_port, 'wrong'))
+
+    def test_a_cut_link_fails_the_call_within_its_timeout(self):
+        with netns.Network(3) as net:
+            server_host, client_host, _ = net.hosts
+            _, port = self.start_server(server_host, 'shared')
+            proc = client_host.python('-c', self.CLIENT, server_host.ip, str(port), 'shared', 'slow')
+            self.assertIn('ok across', proc.stdout.readline())
+            self.assertEqual(proc.stdout.readline().strip(), 'calling')
+            server_host.cut()
+            out, _ = proc.communicate(timeout=TIMEOUT * 2)
+            self.assertIn('CallTimeoutError', out)
+            self.assertLess(float(out.split()[2]), TIMEOUT)
+
+
+if __name__ == '__main__':
+    unittest.main()
