@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sqlite3
+import ssl
 import sys
 
 from . import auth, naming, rsh, tcp
@@ -58,11 +59,16 @@ def server_main(argv=None):
                         help=f'also publish a naming context as "{naming.DEFAULT_KEY}": '
                              'in memory, or kept in the SQLite file PATH when given')
     _add_authkey_option(parser)
+    parser.add_argument('--tls-cert', metavar='FILE', help='serve over TLS with this certificate (PEM)')
+    parser.add_argument('--tls-key', metavar='FILE', help="the TLS certificate's private key (PEM)")
+    parser.add_argument('--tls-ca', metavar='FILE',
+                        help='require client certificates signed by this CA (PEM)')
     parser.add_argument('--insecure', action='store_true',
                         help='without an authkey, answer clients on other machines too '
                              '(by default only this machine\'s): any of them can run code here')
     args = parser.parse_args(argv)
     authkey = _authkey(parser, args)
+    ssl_context = _server_tls(parser, args)
     logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
     hub = init(threadMode=args.thread_mode, authkey=authkey)
     test = TestObject()
@@ -86,7 +92,8 @@ def server_main(argv=None):
             hub.shutdown()
         return 0
     try:
-        server = tcp.makeServer(args.port, host=args.host, insecure=args.insecure)
+        server = tcp.makeServer(args.port, host=args.host, insecure=args.insecure,
+                                ssl_context=ssl_context)
     except (CommunicationError, ValueError) as exc:
         print(f'dopyserver: {exc}', file=sys.stderr)
         return 1
@@ -124,9 +131,14 @@ def client_main(argv=None):
                              'to it over its standard input and output instead of TCP')
     parser.add_argument('--timeout', type=float, default=10.0,
                         help='seconds to wait for connecting and for each call (default %(default)s)')
+    parser.add_argument('--tls-ca', metavar='FILE',
+                        help="connect over TLS, trusting the server's certificate if this CA (PEM) signed it")
+    parser.add_argument('--tls-cert', metavar='FILE', help='a client certificate to present (PEM)')
+    parser.add_argument('--tls-key', metavar='FILE', help="the client certificate's private key (PEM)")
     _add_authkey_option(parser)
     args = parser.parse_args(argv)
     authkey = _authkey(parser, args)
+    ssl_context = _client_tls(parser, args)
     if args.stdio:
         where = args.stdio
         connect = lambda: rsh.remote(args.stdio, TEST_OBJECT_NAME, timeout=args.timeout)
@@ -137,7 +149,7 @@ def client_main(argv=None):
             parser.error(str(exc))
         where = _join_address(host, port)
         connect = lambda: tcp.remote(host, port, TEST_OBJECT_NAME, timeout=args.timeout,
-                                     authkey=authkey)
+                                     authkey=authkey, ssl_context=ssl_context)
     print(f'connecting to {where}...', flush=True)
     try:
         proxy = connect()
@@ -171,6 +183,37 @@ def _authkey(parser, args):
         return auth.authkey_from_env()
     except (OSError, ValueError) as exc:
         parser.error(f'no authkey: {exc}')
+
+
+def _server_tls(parser, args):
+    if not args.tls_cert:
+        if args.tls_key or args.tls_ca:
+            parser.error('--tls-key and --tls-ca go with --tls-cert')
+        return None
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f'cannot set up TLS: {exc}')
+    return context
+
+
+def _client_tls(parser, args):
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            parser.error('--tls-cert and --tls-key go with --tls-ca')
+        return None
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(args.tls_ca)
+        if args.tls_cert:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f'cannot set up TLS: {exc}')
+    return context
 
 
 def _test_basic(proxy):

@@ -135,6 +135,8 @@ class Connection:
         self._write_poll.register(stream.write_fd, select.POLLOUT)
         if not self._threaded:
             hub.loop.add_reader(stream.read_fd, self._on_readable)
+            if stream.pending():
+                hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
 
     def __repr__(self):
         state = 'closed' if self._closed else f'{len(self._waiters)} calls in flight'
@@ -290,6 +292,9 @@ class Connection:
                     self._refuse(exc)
                     raise
             self._handle_ready()
+            if self._stream.pending():
+                # Decrypted bytes the descriptor does not show: read them before the loop blocks.
+                self.hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
         except Exception as exc:
             self._ended(exc)
 
@@ -554,7 +559,8 @@ class Connection:
             frame = decoder.next_frame()
             if frame is not None:
                 return frame
-            self._wait(self._read_poll, deadline)
+            if not self._stream.pending():
+                self._wait(self._read_poll, deadline)
             try:
                 received = self._stream.recv_into(decoder.get_buffer())
             except BlockingIOError:

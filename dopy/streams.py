@@ -1,4 +1,4 @@
-"""The byte streams a connection runs over: a socket, or a pair of pipes.
+"""The byte streams a connection runs over: a socket, a TLS socket, or a pair of pipes.
 
 A stream is non-blocking and raises ``OSError`` (``BlockingIOError`` when it
 would block); ``dopy.connection`` translates the rest.  ``shutdown()`` wakes
@@ -7,13 +7,16 @@ any thread waiting to read and may be called from any thread;
 using them.  ``wake_fd``, when not None, is a descriptor to wait on beside
 ``read_fd``: it becomes readable at ``shutdown()`` for streams whose
 reading end cannot be woken otherwise (a pipe we do not own).
+``pending()`` counts bytes a stream holds that its descriptor does not
+show (decrypted TLS data): a reader must not wait while there are any.
 """
 
 import os
 import select
 import socket
+import ssl
 
-__all__ = ['SocketStream', 'PipeStream']
+__all__ = ['SocketStream', 'TLSStream', 'PipeStream']
 
 
 class SocketStream:
@@ -29,6 +32,9 @@ class SocketStream:
         self.send = sock.send
         self.sendmsg = sock.sendmsg
 
+    def pending(self):
+        return 0
+
     def peek_closed(self):
         """True if the peer has hung up, found without consuming anything."""
         try:
@@ -39,6 +45,53 @@ class SocketStream:
     def shutdown(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone: nothing left to wake
+
+    def close(self):
+        self.sock.close()
+
+
+class TLSStream:
+    """A connected ``ssl.SSLSocket``, its handshake done."""
+
+    wake_fd = None
+
+    def __init__(self, sock):
+        sock.setblocking(False)
+        self.sock = sock
+        self.read_fd = self.write_fd = sock.fileno()
+
+    def recv_into(self, buffer):
+        try:
+            return self.sock.recv_into(buffer)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+        except ssl.SSLZeroReturnError:
+            return 0
+
+    def send(self, data):
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+
+    def sendmsg(self, views):
+        # TLS has no scatter-gather: one segment a call; the caller sends the rest.
+        return self.send(views[0])
+
+    def pending(self):
+        return self.sock.pending()
+
+    def peek_closed(self):
+        """Unknown under TLS, which cannot peek: taken as no."""
+        return False
+
+    def shutdown(self):
+        try:
+            # The plain socket's shutdown: SSLSocket's own would drop its SSL
+            # object under a thread that may still be reading.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass  # already gone: nothing left to wake
 
@@ -70,6 +123,9 @@ class PipeStream:
 
     def sendmsg(self, views):
         return os.writev(self.write_fd, views)
+
+    def pending(self):
+        return 0
 
     def peek_closed(self):
         """True if the writer has gone and nothing is left to read."""

@@ -14,23 +14,28 @@ pickle in either direction: with an ``authkey``, mutual HMAC
 authentication; without one, a server answers only loopback peers
 (protected mode) unless it was made ``insecure``.  A server over its
 ``max_connections`` refuses new peers the same way, and goes on serving
-the others.
+the others.  With an ``ssl_context`` the connection is TLS first, and the
+handshake runs inside it; a server whose context requires client
+certificates lets peers from other hosts in without an authkey, since TLS
+has authenticated them.
 """
 
 import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
                    is_loopback, log_failure, server_handshake)
 from .connection import Connection, translate_os_error
-from .errors import CommunicationError, ConnectionClosedError, DopyError
+from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
+                     ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .proxy import RemoteObject
-from .streams import SocketStream
+from .streams import SocketStream, TLSStream
 
 __all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
 
@@ -51,7 +56,7 @@ TOO_MANY_REFUSAL = 'this DOPY server is at its limit of {} connections; try agai
 
 
 def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, insecure=False,
-               max_connections=None):
+               max_connections=None, ssl_context=None):
     """Serve ``hub``'s objects (the process's hub by default) on a TCP port.
 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
@@ -62,13 +67,15 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
     the server prove it too, before anything is unpickled.  Without a key
     the server answers only loopback clients, unless ``insecure`` is true.
     ``max_connections`` bounds the connections served at once.
+    ``ssl_context`` (an ``ssl.SSLContext`` for the server side, with its
+    certificate loaded) makes every connection TLS.
     """
     hub = hub if hub is not None else getHub()
     return TCPServer(port, host, hub, authkey if authkey is not None else hub.authkey,
-                     insecure, max_connections)
+                     insecure, max_connections, ssl_context)
 
 
-def remote(host, port, name, *, timeout=None, hub=None, authkey=None):
+def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_context=None):
     """A proxy for the object published as ``name`` by the server at ``host:port``.
 
     ``timeout`` (seconds) bounds connecting and every call; None, the
@@ -76,10 +83,13 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None):
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
     that is down raises ``CommunicationError`` here.  ``authkey`` (bytes;
     the hub's by default) is the key the server must share; a client with a
-    key refuses a server that does not authenticate.
+    key refuses a server that does not authenticate.  ``ssl_context`` (an
+    ``ssl.SSLContext`` for the client side) makes the connection TLS,
+    checking the server's certificate against ``host``.
     """
     hub = hub if hub is not None else getHub()
-    proxy = _proxy(hub, host, port, name, timeout, authkey if authkey is not None else hub.authkey)
+    proxy = _proxy(hub, host, port, name, timeout,
+                   authkey if authkey is not None else hub.authkey, ssl_context)
     proxy._dopy_link.get()
     return proxy
 
@@ -87,7 +97,8 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None):
 class TCPServer:
     """A listening socket that serves its hub's objects; see ``makeServer``."""
 
-    def __init__(self, port, host, hub, authkey=None, insecure=False, max_connections=None):
+    def __init__(self, port, host, hub, authkey=None, insecure=False, max_connections=None,
+                 ssl_context=None):
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f'port must be an int from 0 to 65535, not {port!r}')
         if max_connections is not None and not (isinstance(max_connections, int) and max_connections > 0):
@@ -96,6 +107,9 @@ class TCPServer:
         self.authkey = check_authkey(authkey)
         self.insecure = bool(insecure)
         self.max_connections = max_connections
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f'ssl_context must be an ssl.SSLContext, not {ssl_context!r}')
+        self.ssl_context = ssl_context
         # Seconds a new peer has to finish the handshake; may be changed at any time.
         self.handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT
         if self.insecure and self.authkey is None:
@@ -244,14 +258,26 @@ class TCPServer:
         """Why a peer at ``ip`` is refused, or None (called with the lock held)."""
         if self.max_connections is not None and len(self._workers) >= self.max_connections:
             return TOO_MANY_REFUSAL.format(self.max_connections)
-        if self.authkey is None and not self.insecure and not is_loopback(ip):
+        certified = (self.ssl_context is not None
+                     and self.ssl_context.verify_mode == ssl.CERT_REQUIRED)
+        if self.authkey is None and not self.insecure and not certified and not is_loopback(ip):
             return PROTECTED_MODE_REFUSAL
         return None
 
     def _serve(self, peer, refusal):
+        deadline = time.monotonic() + self.handshake_timeout
+        if self.ssl_context is not None:
+            try:
+                peer.sock = self.ssl_context.wrap_socket(peer.sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+                _tls_handshake(peer.sock, deadline, f'TLS with {peer.name}')
+            except (DopyError, OSError) as exc:
+                log_failure(peer.name, exc)
+                peer.sock.close()
+                self.forget(peer)
+                return
         try:
-            server_handshake(peer.sock, self.authkey, refusal,
-                             time.monotonic() + self.handshake_timeout)
+            server_handshake(peer.sock, self.authkey, refusal, deadline)
         except (DopyError, OSError):
             # dopy.auth has logged why, in one line.
             peer.sock.close()
@@ -261,11 +287,14 @@ class TCPServer:
             peer.connection.serve()
 
     def _handshake_in_loop(self, peer, refusal):
-        """THRD_NONE: the handshake, driven by the loop, so that a slow peer stalls no one."""
+        """THRD_NONE: the handshakes, driven by the loop, so that a slow peer stalls no one."""
         loop = self.hub.loop
         handshake = ServerHandshake(self.authkey, refusal)
         sock = peer.sock
         sock.setblocking(False)
+        if self.ssl_context is not None:
+            sock = peer.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                            do_handshake_on_connect=False)
 
         def fail(why):
             log_failure(peer.name, why)
@@ -274,10 +303,25 @@ class TCPServer:
             sock.close()
             self.forget(peer)
 
+        def on_tls_readable(_sock):
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                # Rare (a full socket buffer mid-handshake); wait briefly rather than add write interest.
+                select.select([], [sock], [], 1.0)
+                return
+            except OSError as exc:
+                fail(exc)
+                return
+            loop.remove_reader(sock)
+            greet()
+
         def on_readable(_sock):
             try:
                 data = sock.recv(handshake.wanted)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError as exc:
                 fail(exc)
@@ -297,20 +341,26 @@ class TCPServer:
                 loop.remove_reader(sock)
                 self._connect(peer)
 
+        def greet():
+            try:
+                # A greeting is a few dozen bytes: an empty socket buffer takes it whole.
+                sock.send(handshake.initial())
+            except OSError as exc:
+                fail(exc)
+                return
+            if handshake.failed:
+                fail(handshake.error)
+            elif handshake.done:
+                timer.cancel()
+                self._connect(peer)
+            else:
+                loop.add_reader(sock, on_readable)
+
         timer = loop.call_later(self.handshake_timeout, lambda: fail('timed out'))
-        try:
-            # A greeting is a few dozen bytes: an empty socket buffer takes it whole.
-            sock.send(handshake.initial())
-        except OSError as exc:
-            fail(exc)
-            return
-        if handshake.failed:
-            fail(handshake.error)
-        elif handshake.done:
-            timer.cancel()
-            self._connect(peer)
+        if self.ssl_context is not None:
+            loop.add_reader(sock, on_tls_readable)
         else:
-            loop.add_reader(sock, on_readable)
+            greet()
 
     def _connect(self, peer):
         """The handshake is over: make the peer a connection, unless the server closed meanwhile."""
@@ -318,7 +368,9 @@ class TCPServer:
             if self._closed or peer not in self._workers:
                 peer.sock.close()
                 return False
-            peer.connection = Connection(SocketStream(peer.sock), self.hub, peer.name,
+            stream = (TLSStream(peer.sock) if isinstance(peer.sock, ssl.SSLSocket)
+                      else SocketStream(peer.sock))
+            peer.connection = Connection(stream, self.hub, peer.name,
                                          local_ip=peer.sock.getsockname()[0],
                                          on_close=lambda _c: self.forget(peer))
         return True
@@ -381,7 +433,31 @@ def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
 
-def _proxy(hub, host, port, name, timeout, authkey):
+def _tls_handshake(sock, deadline, what):
+    """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``."""
+    sock.setblocking(False)
+    poller = select.poll()
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        except ssl.SSLError as exc:
+            raise AuthenticationError(f'{what} failed: {getattr(exc, "verify_message", None) or exc.reason or exc}') from exc
+        except OSError as exc:
+            raise translate_os_error(exc, what) from exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CallTimeoutError(f'{what}: timed out')
+        poller.register(sock.fileno(), events)
+        poller.poll(remaining * 1000)
+        poller.unregister(sock.fileno())
+
+
+def _proxy(hub, host, port, name, timeout, authkey, ssl_context=None):
     if not isinstance(name, str) or not name:
         raise TypeError(f'an object name must be a non-empty str, not {name!r}')
     if not isinstance(port, int) or not 0 < port <= 65535:
@@ -401,11 +477,16 @@ def _proxy(hub, host, port, name, timeout, authkey):
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
         try:
+            if ssl_context is not None:
+                sock = ssl_context.wrap_socket(sock, server_hostname=host,
+                                               do_handshake_on_connect=False)
+                _tls_handshake(sock, deadline, f'TLS with {address}')
             client_handshake(sock, authkey, deadline)
         except BaseException:
             sock.close()
             raise
-        connection = Connection(SocketStream(sock), hub, address, local_ip=sock.getsockname()[0],
+        stream = TLSStream(sock) if ssl_context is not None else SocketStream(sock)
+        connection = Connection(stream, hub, address, local_ip=sock.getsockname()[0],
                                 close_when_unused=True)
         try:
             hub._add_connection(connection)

@@ -1,8 +1,10 @@
 """Security and robustness: authentication before any pickle, refusals, and bad input that harms no one."""
 
 import logging
+import os
 import random
 import socket
+import ssl
 import threading
 import time
 import unittest
@@ -11,7 +13,7 @@ import dopy
 import dopy.tcp
 from dopy import auth, wire
 from tests import netns
-from tests.support import MODES, TIMEOUT, HubCase, each_mode, logged, raw_client
+from tests.support import MODES, ROOT, TIMEOUT, HubCase, each_mode, logged, raw_client
 
 KEY = b'a key shared by server and client'
 UNPICKLED = threading.Event()
@@ -231,6 +233,73 @@ class BadInput(HubCase):
         for i in range(50):
             self.assertEqual(self.p.echo(i), i)
         self.assertLess(time.monotonic() - start, TIMEOUT)
+
+
+CERTS = os.path.join(ROOT, 'tests', 'certs')
+
+
+def server_context(require_client_cert=False):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.path.join(CERTS, 'server.pem'), os.path.join(CERTS, 'server.key'))
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(os.path.join(CERTS, 'ca.pem'))
+    return context
+
+
+def client_context(with_cert=False, trust=True):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if trust:
+        context.load_verify_locations(os.path.join(CERTS, 'ca.pem'))
+    if with_cert:
+        context.load_cert_chain(os.path.join(CERTS, 'client.pem'), os.path.join(CERTS, 'client.key'))
+    return context
+
+
+@each_mode(modes=MODES)
+class Tls(HubCase):
+    def setUp(self):
+        super().setUp()
+        self.hub.addObject('obj', Echo())
+
+    def connect(self, server_ctx, client_ctx, server_key=None, client_key=None, host='localhost'):
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=server_ctx, authkey=server_key)
+        p = dopy.tcp.remote(host, self.server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub,
+                            ssl_context=client_ctx, authkey=client_key)
+        self.addCleanup(dopy.close, p)
+        return p
+
+    def test_calls_futures_and_large_payloads_over_tls(self):
+        p = self.connect(server_context(), client_context())
+        self.assertEqual(p.echo('secret'), 'secret')
+        blob = os.urandom(3 << 20)
+        self.assertEqual(p.echo(blob), blob)
+        futures = [p.echo.future(i) for i in range(200)]
+        self.assertEqual([f.result(TIMEOUT) for f in futures], list(range(200)))
+
+    def test_client_certificates_and_an_authkey_combine(self):
+        p = self.connect(server_context(require_client_cert=True), client_context(with_cert=True),
+                         KEY, KEY, host='127.0.0.1')
+        self.assertEqual(p.echo('both'), 'both')
+
+    def test_a_client_without_the_required_certificate_is_refused(self):
+        with logged('dopy.auth'):
+            with self.assertRaises(dopy.CommunicationError):
+                self.connect(server_context(require_client_cert=True), client_context())
+
+    def test_a_server_certificate_the_client_does_not_trust_is_refused(self):
+        with logged('dopy.auth'):
+            with self.assertRaisesRegex(dopy.AuthenticationError, 'certificate'):
+                self.connect(server_context(), client_context(trust=False))
+
+    def test_a_plain_client_meets_a_tls_server(self):
+        # Each waits for the other to speak first, until the server's handshake deadline.
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=server_context())
+        self.server.handshake_timeout = 0.3
+        with logged('dopy.auth'):
+            with self.assertRaises(dopy.CommunicationError):
+                dopy.tcp.remote('localhost', self.server.port, 'obj', timeout=TIMEOUT,
+                                hub=self.client_hub)
 
 
 NETNS_REASON = netns.unavailable()
