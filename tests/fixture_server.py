@@ -6,6 +6,7 @@ a client process does not have: that is what the tests need them for.
 
 import argparse
 import os
+import resource
 import sys
 import threading
 import time
@@ -40,6 +41,19 @@ class Service:
     def wait_until_slow_started(self, timeout):
         return self.slow_started.wait(timeout)
 
+    def connections(self):
+        return dopy.getHub().stats()['connections']
+
+    def rss_kib(self):
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1])
+        return None
+
+    def call_back(self, callback, value):
+        return callback.notify(value)
+
     def raise_server_only(self, message):
         raise ServerOnlyError(message)
 
@@ -51,6 +65,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--port', type=int, default=0)
     args = parser.parse_args()
+    # Room for the tests' thousand idle connections.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     hub = dopy.getHub()
     hub.addObject('service', Service())
     server = dopy.tcp.makeServer(args.port)

@@ -310,26 +310,41 @@ class AcrossHosts(unittest.TestCase):
     """Three hosts in network namespaces, so that traffic crosses a real network stack."""
 
     SERVER = '''
-import sys, dopy, dopy.tcp
+import os, ssl, sys, dopy, dopy.tcp
 class Echo:
     def echo(self, value):
         return value
     def slow(self, seconds):
         import time; time.sleep(seconds); return seconds
 key = sys.argv[1].encode() if len(sys.argv) > 1 and sys.argv[1] else None
+context = None
+if len(sys.argv) > 2:
+    certs = sys.argv[2]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(os.path.join(certs, 'server.pem'), os.path.join(certs, 'server.key'))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(os.path.join(certs, 'ca.pem'))
 hub = dopy.getHub()
 hub.addObject('obj', Echo())
-server = dopy.tcp.makeServer(0, host='', authkey=key)
+server = dopy.tcp.makeServer(0, host='', authkey=key, ssl_context=context)
 print(server.port, flush=True)
 sys.stdin.read()
 hub.shutdown()
 '''
 
     CLIENT = '''
-import sys, time, dopy, dopy.tcp
+import os, ssl, sys, time, dopy, dopy.tcp
 host, port, key = sys.argv[1], int(sys.argv[2]), (sys.argv[3].encode() if sys.argv[3] else None)
+context = None
+if os.environ.get('CERTS'):
+    certs = os.environ['CERTS']
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The test certificate names localhost, not these hosts' addresses: check the chain only.
+    context.check_hostname = False
+    context.load_verify_locations(os.path.join(certs, 'ca.pem'))
+    context.load_cert_chain(os.path.join(certs, 'client.pem'), os.path.join(certs, 'client.key'))
 try:
-    p = dopy.tcp.remote(host, port, 'obj', timeout=3, authkey=key)
+    p = dopy.tcp.remote(host, port, 'obj', timeout=3, authkey=key, ssl_context=context)
     print('ok', p.echo('across'), flush=True)
     if len(sys.argv) > 4:
         print('calling', flush=True)
@@ -342,13 +357,13 @@ except dopy.DopyError as exc:
     print('error', type(exc).__name__, exc, flush=True)
 '''
 
-    def start_server(self, host, key=''):
-        proc = host.python('-c', self.SERVER, key)
+    def start_server(self, host, key='', *extra):
+        proc = host.python('-c', self.SERVER, key, *extra)
         self.addCleanup(proc.kill)
         return proc, int(proc.stdout.readline())
 
-    def run_client(self, host, server_host, port, key='', *extra):
-        proc = host.python('-c', self.CLIENT, server_host.ip, str(port), key, *extra)
+    def run_client(self, host, server_host, port, key='', *extra, **kwargs):
+        proc = host.python('-c', self.CLIENT, server_host.ip, str(port), key, *extra, **kwargs)
         out, _ = proc.communicate(timeout=TIMEOUT * 2)
         return out
 
@@ -363,6 +378,14 @@ except dopy.DopyError as exc:
             self.assertIn('ok across', self.run_client(client_host, server_host, keyed_port, 'shared'))
             self.assertIn('error AuthenticationError',
                           self.run_client(client_host, server_host, keyed_port, 'wrong'))
+
+    def test_tls_with_client_certificates_between_hosts(self):
+        with netns.Network(3) as net:
+            server_host, client_host, _ = net.hosts
+            _, port = self.start_server(server_host, '', CERTS)
+            with_certs = dict(netns._child_env(), CERTS=CERTS)
+            self.assertIn('ok across', self.run_client(client_host, server_host, port, env=with_certs))
+            self.assertIn('error', self.run_client(client_host, server_host, port))
 
     def test_a_cut_link_fails_the_call_within_its_timeout(self):
         with netns.Network(3) as net:
