@@ -347,18 +347,18 @@ class Connection:
             thread.join(timeout)
 
     def lookup(self, name):
-        """The local object a call names: exported on this connection, or published."""
+        """``(object, exposed)`` for the local object a call names: exported on this connection, or published."""
         if name.startswith('#'):
             try:
-                return self._exports[name][0]
+                return self._exports[name][0], None
             except KeyError:
                 raise NoSuchObjectError(
                     f'reference {name} was never exported on this connection, or was released') from None
-        return self.hub.getObject(name)
+        return self.hub.lookup(name)
 
     def exported_object(self, name):
         """The local object behind a reference the peer sent back (unpickling *yours*)."""
-        return self.lookup(name)
+        return self.lookup(name)[0]
 
     def export_count(self):
         """How many local objects this connection holds for the peer."""

@@ -38,9 +38,14 @@ def check_method_name(name):
                                 'names starting with "_" and dotted names are never dispatched')
 
 
-def resolve(obj, name):
-    """The bound method ``name`` of ``obj``, or ``NoSuchMethodError``."""
+def resolve(obj, name, exposed=None):
+    """The bound method ``name`` of ``obj``, or ``NoSuchMethodError``.
+
+    ``exposed``, when not None, is the set of the only names that may be called.
+    """
     check_method_name(name)
+    if exposed is not None and name not in exposed:
+        raise NoSuchMethodError(f'{name!r} is not among the methods this object exposes')
     if name in CONTAINER_METHODS:
         return _container_method(obj, name)
     class_attr = getattr(type(obj), name, _MISSING)
@@ -101,14 +106,16 @@ class Call:
 def prepare(lookup, frame, loads=wire.loads):
     """Unpickle the CALL or ONEWAY ``frame`` and find its method; never raises for the caller's mistakes.
 
-    ``lookup(name)`` finds the object or raises ``NoSuchObjectError``;
+    ``lookup(name)`` returns ``(object, exposed)`` (``exposed`` is None or
+    the set of callable names) or raises ``NoSuchObjectError``;
     ``loads`` is the connection's unpickling function.  Preparing is apart
     from running so that the connection can unpickle every frame in the
     order it came, and run the call on another thread.
     """
     try:
         name, method_name, args, kwargs = _load_call(frame, loads)
-        return Call(f'{name}.{method_name}', resolve(lookup(name), method_name), args, kwargs)
+        obj, exposed = lookup(name)
+        return Call(f'{name}.{method_name}', resolve(obj, method_name, exposed), args, kwargs)
     except Exception as exc:
         log.debug('refused call %d: %s', frame.request_id, exc)
         return Call(None, None, None, None, exc)

@@ -104,27 +104,33 @@ class Hub:
         """True once ``shutdown`` has begun."""
         return self._closed.is_set()
 
-    def addObject(self, name, obj):
+    def addObject(self, name, obj, expose=None):
         """Publish ``obj`` under ``name``; a later call with the same name replaces it.
 
-        Names starting with ``#`` are taken by references exported for a call.
+        Any public method may be called, unless ``expose`` (a list of method
+        names) narrows that to those.  Names starting with ``#`` are taken
+        by references exported for a call.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f'an object name must be a non-empty str, not {name!r}')
         if name.startswith('#'):
             raise ValueError(f'object names starting with "#" are reserved: {name!r}')
+        if expose is not None:
+            if isinstance(expose, str) or not all(isinstance(m, str) for m in expose):
+                raise TypeError(f'expose must be a list of method names, not {expose!r}')
+            expose = frozenset(expose)
         with self._lock:
             old = self._objects.get(name)
-            if old is not None and self._names.get(id(old)) == name:
-                del self._names[id(old)]
-            self._objects[name] = obj
+            if old is not None and self._names.get(id(old[0])) == name:
+                del self._names[id(old[0])]
+            self._objects[name] = (obj, expose)
             self._names[id(obj)] = name
 
     def removeObject(self, name):
         """Stop publishing ``name``; ``NoSuchObjectError`` if it is not published."""
         with self._lock:
             try:
-                obj = self._objects.pop(name)
+                obj = self._objects.pop(name)[0]
             except KeyError:
                 raise NoSuchObjectError(f'no object named {name!r} is published') from None
             if self._names.get(id(obj)) == name:
@@ -133,7 +139,8 @@ class Hub:
     def published_name(self, obj):
         """The name ``obj`` is published under, or None."""
         name = self._names.get(id(obj))
-        return name if name is not None and self._objects.get(name) is obj else None
+        entry = self._objects.get(name) if name is not None else None
+        return name if entry is not None and entry[0] is obj else None
 
     def advertised_address(self, local_ip):
         """``tcp:HOST:PORT`` of a server of this hub that a peer reaching ``local_ip`` can reach, or None."""
@@ -159,6 +166,10 @@ class Hub:
 
     def getObject(self, name):
         """The local object published under ``name``, or ``NoSuchObjectError``."""
+        return self.lookup(name)[0]
+
+    def lookup(self, name):
+        """``(object, exposed)`` for ``name``: ``exposed`` is None or the set of callable names."""
         try:
             return self._objects[name]
         except (KeyError, TypeError):

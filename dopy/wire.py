@@ -59,7 +59,9 @@ ONEWAY = 4
 RELEASE = 5
 KINDS = frozenset((CALL, REPLY, ERROR, ONEWAY, RELEASE))
 
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+# Large enough for big payloads, small enough that one peer cannot make a
+# server allocate a gigabyte per connection; Hub(max_message_size=) changes it.
+DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
 _MAX_REQUEST_ID = (1 << 64) - 1
 _MAX_BUFFERS = (1 << 16) - 1
 

@@ -39,7 +39,7 @@ def run(obj, name, method, args=(), kwargs=None, raw=None):
 
     def lookup(key):
         try:
-            return objects[key]
+            return objects[key], None
         except KeyError:
             raise NoSuchObjectError(key) from None
 
@@ -78,6 +78,11 @@ class NamePolicy(unittest.TestCase):
 
     def test_callable_instance_attribute_is_a_method(self):
         self.assertEqual(dispatch.resolve(Target(), 'callback')(), 'instance callable')
+
+    def test_an_allow_list_narrows_what_may_be_called(self):
+        self.assertEqual(dispatch.resolve(Target(), 'add', frozenset({'add'}))(1, 2), 3)
+        with self.assertRaisesRegex(NoSuchMethodError, 'exposes'):
+            dispatch.resolve(Target(), 'fail', frozenset({'add'}))
 
     def test_missing_method(self):
         with self.assertRaisesRegex(NoSuchMethodError, 'nope'):

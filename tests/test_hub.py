@@ -80,6 +80,9 @@ class Registry(HubCase):
             with self.subTest(name=name), self.assertRaises(TypeError):
                 self.hub.addObject(name, 1)
 
+    def test_the_default_message_limit_is_256_MiB(self):
+        self.assertEqual(self.hub.max_message_size, 256 << 20)
+
     def test_bad_max_message_size(self):
         for size in (0, -5, 1.5, '10'):
             with self.subTest(size=size), self.assertRaises(ValueError):

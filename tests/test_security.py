@@ -108,6 +108,34 @@ class Authentication(HubCase):
 
 
 @each_mode(modes=MODES)
+class AllowList(HubCase):
+    def test_only_the_exposed_methods_are_called(self):
+        class Account:
+            def __init__(self):
+                self.ran = []
+
+            def balance(self):
+                return 10
+
+            def close_account(self):
+                self.ran.append('close_account')
+
+        account = Account()
+        self.hub.addObject('account', account, expose=['balance'])
+        self.server = dopy.tcp.makeServer(0, hub=self.hub)
+        p = self.proxy('account')
+        self.assertEqual(p.balance(), 10)
+        with self.assertRaises(dopy.NoSuchMethodError):
+            p.close_account()
+        self.assertEqual(account.ran, [])
+
+    def test_bad_allow_lists(self):
+        for expose in ('balance', [1], 5):
+            with self.subTest(expose=expose), self.assertRaises(TypeError):
+                self.hub.addObject('x', object(), expose=expose)
+
+
+@each_mode(modes=MODES)
 class ConnectionLimit(HubCase):
     def test_past_the_limit_new_peers_are_refused_and_the_others_served(self):
         self.hub.addObject('obj', Echo())
