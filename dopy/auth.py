@@ -73,7 +73,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import math
 import os
 import secrets
 import select
@@ -82,8 +81,8 @@ import stat
 import struct
 import time
 
-from .connection import translate_os_error
-from .errors import AuthenticationError, CallTimeoutError, ConnectionLostError, ProtocolError
+from .connection import translate_os_error, wait_ready
+from .errors import AuthenticationError, ConnectionLostError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'OPEN', 'AUTH', 'REFUSED', 'GREETING', 'CHALLENGE_SIZE',
@@ -477,13 +476,7 @@ def _send_all(sock, data, deadline, what):
 def _wait(sock, events, deadline, what):
     poller = select.poll()
     poller.register(sock.fileno(), events)
-    if deadline is None:
-        poller.poll()
-        return
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or (not poller.poll(math.ceil(remaining * 1000))
-                          and time.monotonic() >= deadline):
-        raise CallTimeoutError(f'{what}: timed out')
+    wait_ready(poller, deadline, what)
 
 
 def _peer_name(sock):

@@ -50,7 +50,7 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
                      SerializationError)
 from .hub import THRD_FUNC
 
-__all__ = ['Connection', 'translate_os_error']
+__all__ = ['Connection', 'translate_os_error', 'wait_ready']
 
 log = logging.getLogger('dopy.connection')
 
@@ -71,6 +71,17 @@ def translate_os_error(exc, what):
         error = CommunicationError(f'{what}: {exc.strerror or exc}')
     error.__cause__ = exc
     return error
+
+
+def wait_ready(poller, deadline, what):
+    """``poller.poll()`` until something is ready, or ``CallTimeoutError`` at ``deadline`` (None: no limit)."""
+    if deadline is None:
+        poller.poll()
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or (not poller.poll(math.ceil(remaining * 1000))
+                          and time.monotonic() >= deadline):
+        raise CallTimeoutError(f'{what}: timed out')
 
 
 class _Waiter:
@@ -634,13 +645,7 @@ class Connection:
             self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
-        if deadline is None:
-            poller.poll()
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or (not poller.poll(math.ceil(remaining * 1000))
-                              and time.monotonic() >= deadline):
-            raise CallTimeoutError(f'timed out waiting for {self.peer}')
+        wait_ready(poller, deadline, f'waiting for {self.peer}')
 
     def _lost(self, cause):
         if self._closed:

@@ -29,7 +29,7 @@ import pickle
 import sqlite3
 import threading
 
-from .errors import CommunicationError, DopyError, NamingError, SerializationError
+from .errors import DopyError, NamingError, SerializationError
 from .hub import getHub
 from .proxy import Ref, RemoteObject
 

@@ -30,8 +30,8 @@ import time
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
                    is_loopback, log_failure, server_handshake)
-from .connection import Connection, translate_os_error
-from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
+from .connection import Connection, translate_os_error, wait_ready
+from .errors import (AuthenticationError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .proxy import RemoteObject
@@ -334,12 +334,7 @@ class TCPServer:
             except OSError as exc:
                 fail(exc)
                 return
-            if handshake.failed:
-                fail(handshake.error)
-            elif handshake.done:
-                timer.cancel()
-                loop.remove_reader(sock)
-                self._connect(peer)
+            settle()
 
         def greet():
             try:
@@ -348,13 +343,16 @@ class TCPServer:
             except OSError as exc:
                 fail(exc)
                 return
+            loop.add_reader(sock, on_readable)
+            settle()
+
+        def settle():
             if handshake.failed:
                 fail(handshake.error)
             elif handshake.done:
                 timer.cancel()
+                loop.remove_reader(sock)
                 self._connect(peer)
-            else:
-                loop.add_reader(sock, on_readable)
 
         timer = loop.call_later(self.handshake_timeout, lambda: fail('timed out'))
         if self.ssl_context is not None:
@@ -436,7 +434,6 @@ def _format_host(host):
 def _tls_handshake(sock, deadline, what):
     """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``."""
     sock.setblocking(False)
-    poller = select.poll()
     while True:
         try:
             sock.do_handshake()
@@ -449,12 +446,9 @@ def _tls_handshake(sock, deadline, what):
             raise AuthenticationError(f'{what} failed: {getattr(exc, "verify_message", None) or exc.reason or exc}') from exc
         except OSError as exc:
             raise translate_os_error(exc, what) from exc
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CallTimeoutError(f'{what}: timed out')
+        poller = select.poll()
         poller.register(sock.fileno(), events)
-        poller.poll(remaining * 1000)
-        poller.unregister(sock.fileno())
+        wait_ready(poller, deadline, what)
 
 
 def _proxy(hub, host, port, name, timeout, authkey, ssl_context=None):
