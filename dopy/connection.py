@@ -17,8 +17,10 @@ unpickles each call and hands it to the hub's pool to run.  In a THRD_NONE
 hub there are no threads: the hub's loop reads, and a call that waits
 runs that loop until its reply arrives.
 
-The socket is non-blocking; every wait is a ``poll`` bounded by the call's
-deadline (``time.monotonic()``; None means no limit).  Several threads may
+No read or send ever blocks past the call's deadline (``time.monotonic()``;
+None means no limit): with a deadline a reader waits in ``poll``, without
+one it sleeps in the stream's ``recv_wait`` where there is one, and sends
+never block.  Several threads may
 call at once: sends are serialised by a lock, and each call's reply is
 found by its request id, so a late reply never answers a later call.
 
@@ -56,6 +58,12 @@ log = logging.getLogger('dopy.connection')
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
+# A connection that brought a reply this recently is taken as alive without
+# a peek (a system call on every call).  A peer that hung up within these
+# few milliseconds has rarely been replaced by a new one yet, so the peek
+# would mostly trade one CommunicationError for another; the call is never
+# re-sent either way.
+_FRESH = 0.005
 _serials = itertools.count(1)
 
 
@@ -122,7 +130,12 @@ class Connection:
         self._pooled = hub.threadMode == THRD_FUNC
         self._decoder = wire.Decoder(hub.max_message_size)
         self._send_lock = threading.RLock()
-        self._cond = threading.Condition(threading.Lock())
+        # One lock, two names: ``_lock`` where nobody waits or is woken (the
+        # C-level lock is much cheaper than the Condition), ``_cond`` where
+        # threads wait, counted in ``_sleepers`` so that nobody is woken in vain.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0
         self._waiters = {}
         self._ids = itertools.count(1)
         self._reader = None
@@ -138,6 +151,9 @@ class Connection:
         self._users = 0
         self._close_when_unused = close_when_unused
         self._error = None
+        self._last_reply = 0.0
+        # A reader with no deadline sleeps in recv itself, where the stream allows.
+        self._recv_wait = stream.recv_wait if self._threaded else None
         self._read_poll = select.poll()
         self._read_poll.register(stream.read_fd, select.POLLIN)
         if stream.wake_fd is not None:
@@ -169,8 +185,9 @@ class Connection:
         request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline)
         try:
             self._wait_for(waiter, deadline)
+            self._last_reply = time.monotonic()
         except CallTimeoutError:
-            with self._cond:
+            with self._lock:
                 self._waiters.pop(request_id, None)
             if not waiter.done:
                 raise CallTimeoutError(
@@ -215,7 +232,7 @@ class Connection:
                     f'the arguments of {name}.{method}() could not be pickled on the client: '
                     f'{type(exc).__name__}: {exc}') from exc
             if waiter is not None:
-                with self._cond:
+                with self._lock:
                     if self._closed:
                         raise _fresh(self._error)
                     self._waiters[request_id] = waiter
@@ -224,7 +241,7 @@ class Connection:
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
-        with self._cond:
+        with self._lock:
             if self._reader_thread is not None or self._serving or self._closed or not self._threaded:
                 return
             self._reader_thread = threading.Thread(
@@ -233,9 +250,9 @@ class Connection:
 
     def serve(self):
         """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
-        with self._cond:
+        with self._lock:
             while self._reader is not None and not self._closed:
-                self._cond.wait()
+                self._sleep(None)
             self._reader = threading.get_ident()
             self._serving = True
         try:
@@ -244,9 +261,10 @@ class Connection:
         except Exception as exc:
             self._ended(exc)
         finally:
-            with self._cond:
+            with self._lock:
                 self._reader = None
-                self._cond.notify_all()
+                if self._sleepers:
+                    self._cond.notify_all()
             if self._closed:
                 self._close_socket()
 
@@ -254,6 +272,8 @@ class Connection:
         """False if closed, or found hung up by the peer (without sending anything)."""
         if self._closed:
             return False
+        if time.monotonic() - self._last_reply < _FRESH:
+            return True
         try:
             # A peek consumes nothing, so it is safe beside a reading thread.
             if not self._stream.peek_closed():
@@ -331,12 +351,12 @@ class Connection:
 
     def acquire(self):
         """Count one more proxy using this connection."""
-        with self._cond:
+        with self._lock:
             self._users += 1
 
     def release(self):
         """Count one proxy fewer; the last one out closes a connection that proxies opened."""
-        with self._cond:
+        with self._lock:
             self._users -= 1
         self._close_if_unused()
 
@@ -456,12 +476,20 @@ class Connection:
             raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
 
     def _dumps(self, obj):
-        with proxy.wire_context(self):
+        state = proxy.wire_state
+        saved, state.connection = state.connection, self
+        try:
             return wire.dumps(obj)
+        finally:
+            state.connection = saved
 
     def _loads(self, data, buffers):
-        with proxy.wire_context(self):
+        state = proxy.wire_state
+        saved, state.connection = state.connection, self
+        try:
             return wire.loads(data, buffers)
+        finally:
+            state.connection = saved
 
     def _unpack(self, frame, name, method):
         """A reply frame's ``(value, exception)``: the exception is built, not raised."""
@@ -488,7 +516,7 @@ class Connection:
             self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
             return
         me = threading.get_ident()
-        with self._cond:
+        with self._lock:
             while not waiter.done:
                 if self._reader is None:
                     self._reader = me
@@ -497,7 +525,7 @@ class Connection:
                 if self._reader == me:
                     nested = True
                     break
-                self._cond.wait(_remaining(deadline))
+                self._sleep(deadline)
             else:
                 return
         try:
@@ -509,9 +537,10 @@ class Connection:
             pass  # _shutdown has already failed every waiter, this one included
         finally:
             if not nested:
-                with self._cond:
+                with self._lock:
                     self._reader = None
-                    self._cond.notify_all()
+                    if self._sleepers:
+                        self._cond.notify_all()
                 if self._closed:
                     self._close_socket()
 
@@ -527,7 +556,7 @@ class Connection:
         if kind == wire.RELEASE:
             self._release_exports(frame)
             return
-        with self._cond:
+        with self._lock:
             waiter = self._waiters.pop(frame.request_id, None)
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
@@ -540,9 +569,10 @@ class Connection:
             else:
                 waiter.future.set_exception(error)
             return
-        with self._cond:
+        with self._lock:
             waiter.value, waiter.error, waiter.done = value, error, True
-            self._cond.notify_all()
+            if self._sleepers:
+                self._cond.notify_all()
 
     def _run(self, frame, call):
         outcome = call()
@@ -570,10 +600,14 @@ class Connection:
             frame = decoder.next_frame()
             if frame is not None:
                 return frame
-            if not self._stream.pending():
-                self._wait(self._read_poll, deadline)
+            if deadline is None and self._recv_wait is not None:
+                receive = self._recv_wait
+            else:
+                receive = self._stream.recv_into
+                if not self._stream.pending():
+                    self._wait(self._read_poll, deadline)
             try:
-                received = self._stream.recv_into(decoder.get_buffer())
+                received = receive(decoder.get_buffer())
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -592,7 +626,13 @@ class Connection:
                 raise _fresh(self._error)
             try:
                 if len(segments) == 1:
-                    self._send_all(segments[0], deadline)
+                    data = segments[0]
+                    try:
+                        sent = self._stream.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != len(data):
+                        self._send_rest(data, sent, deadline)
                 else:
                     self._send_segments(segments, deadline)
                 if self._released:
@@ -605,13 +645,15 @@ class Connection:
                 raise self._lost(exc)
 
     def _send_all(self, data, deadline):
-        stream = self._stream
         try:
-            sent = stream.send(data)
+            sent = self._stream.send(data)
         except BlockingIOError:
             sent = 0
-        if sent == len(data):
-            return
+        if sent != len(data):
+            self._send_rest(data, sent, deadline)
+
+    def _send_rest(self, data, sent, deadline):
+        stream = self._stream
         view = memoryview(data)
         while sent < len(view):
             self._wait_writable(deadline)
@@ -659,7 +701,7 @@ class Connection:
         return error
 
     def _shutdown(self, error):
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
@@ -686,6 +728,15 @@ class Connection:
         # is closed only once no thread can be using its descriptors.
         if not reading:
             self._close_socket()
+
+    def _sleep(self, deadline):
+        """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
+        remaining = _remaining(deadline)
+        self._sleepers += 1
+        try:
+            self._cond.wait(remaining)
+        finally:
+            self._sleepers -= 1
 
     def _close_socket(self):
         with self._send_lock:

@@ -11,7 +11,7 @@ busy with the abandoned call, never holds up the next call).  Nothing is ever re
 failure raises, and only the next call reconnects.  A proxy is safe to
 share between threads; their calls travel side by side on one connection.
 
-How references travel.  Pickled by a connection (see ``wire_context``), a
+How references travel.  Pickled by a connection (see ``wire_state``), a
 proxy or a ``ref`` becomes one of:
 
 - *here*: an object of the sender, named by its published name or by an id
@@ -33,30 +33,22 @@ import weakref
 from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError
 from .hub import getHub
 
-__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_context', 'attach',
+__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'attach',
            'rebuild_here', 'rebuild_yours', 'rebuild_address']
 
-_context = threading.local()
+class _WireState(threading.local):
+    connection = None
 
 
-class wire_context:
-    """While active in a thread, references pickle and unpickle for ``connection``."""
-
-    __slots__ = ('connection', 'saved')
-
-    def __init__(self, connection):
-        self.connection = connection
-
-    def __enter__(self):
-        self.saved = getattr(_context, 'connection', None)
-        _context.connection = self.connection
-
-    def __exit__(self, *exc_info):
-        _context.connection = self.saved
+# ``wire_state.connection``: the connection pickling or unpickling in this
+# thread, which references travel for; None outside a DOPY call.  A
+# connection sets it and puts back the old value itself: on every call's
+# path, that is cheaper than a context manager.
+wire_state = _WireState()
 
 
 def _current_connection():
-    return getattr(_context, 'connection', None)
+    return wire_state.connection
 
 
 class Ref:

@@ -1,7 +1,10 @@
 """The byte streams a connection runs over: a socket, a TLS socket, or a pair of pipes.
 
-A stream is non-blocking and raises ``OSError`` (``BlockingIOError`` when it
-would block); ``dopy.connection`` translates the rest.  ``shutdown()`` wakes
+A stream's ``recv_into``, ``send`` and ``sendmsg`` never block and raise
+``OSError`` (``BlockingIOError`` when they would block); ``dopy.connection``
+translates the rest.  ``recv_wait``, when not None, is a ``recv_into`` that
+sleeps until data comes, for a reader with no deadline: one system call
+instead of a ``poll`` and a read.  ``shutdown()`` wakes
 any thread waiting to read and may be called from any thread;
 ``close()`` releases the descriptors and is called once no thread can be
 using them.  ``wake_fd``, when not None, is a descriptor to wait on beside
@@ -18,6 +21,10 @@ import ssl
 
 __all__ = ['SocketStream', 'TLSStream', 'PipeStream']
 
+# Plain ints: or-ing the enum flags on every call costs more than the system call.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
 
 class SocketStream:
     """A connected stream socket."""
@@ -25,12 +32,21 @@ class SocketStream:
     wake_fd = None
 
     def __init__(self, sock):
-        sock.setblocking(False)
+        # A blocking socket, so that recv_wait can sleep in the kernel; every
+        # other operation passes MSG_DONTWAIT and never blocks.
+        sock.settimeout(None)
         self.sock = sock
         self.read_fd = self.write_fd = sock.fileno()
-        self.recv_into = sock.recv_into
-        self.send = sock.send
-        self.sendmsg = sock.sendmsg
+        self.recv_wait = sock.recv_into
+
+    def recv_into(self, buffer):
+        return self.sock.recv_into(buffer, 0, _DONTWAIT)
+
+    def send(self, data):
+        return self.sock.send(data, _DONTWAIT)
+
+    def sendmsg(self, views):
+        return self.sock.sendmsg(views, (), _DONTWAIT)
 
     def pending(self):
         return 0
@@ -38,7 +54,7 @@ class SocketStream:
     def peek_closed(self):
         """True if the peer has hung up, found without consuming anything."""
         try:
-            return not self.sock.recv(1, socket.MSG_PEEK)
+            return not self.sock.recv(1, _PEEK)
         except BlockingIOError:
             return False
 
@@ -56,6 +72,7 @@ class TLSStream:
     """A connected ``ssl.SSLSocket``, its handshake done."""
 
     wake_fd = None
+    recv_wait = None
 
     def __init__(self, sock):
         sock.setblocking(False)
@@ -105,6 +122,8 @@ class PipeStream:
     ``on_close`` runs after the descriptors are closed (to reap a child, or
     to give this process its stdin and stdout back).
     """
+
+    recv_wait = None
 
     def __init__(self, read_fd, write_fd, on_close=None):
         os.set_blocking(read_fd, False)

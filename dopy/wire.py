@@ -150,6 +150,8 @@ def frame_segments(kind, request_id, data, buffers=()):
         raise ValueError(f'unknown frame kind {kind!r}')
     if not 0 <= request_id <= _MAX_REQUEST_ID:
         raise ValueError(f'request id {request_id!r} out of range')
+    if not buffers:
+        return [HEADER.pack(MAGIC, VERSION, kind, 0, request_id, len(data)) + data]
     if len(buffers) > _MAX_BUFFERS:
         raise ValueError(f'{len(buffers)} out-of-band buffers is too many')
     raws = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast('B')
@@ -157,8 +159,6 @@ def frame_segments(kind, request_id, data, buffers=()):
     table = b''.join(_LENGTH.pack(r.nbytes) for r in raws)
     length = len(table) + len(data) + sum(r.nbytes for r in raws)
     head = HEADER.pack(MAGIC, VERSION, kind, len(raws), request_id, length)
-    if not raws:
-        return [head + data]
     return [head + table + data, *raws]
 
 
@@ -257,14 +257,18 @@ class Decoder:
     def _parse(self):
         view = self._view
         while self._end - self._start >= HEADER.size:
-            header = _check_header(view, self._start, self.max_size)
-            length = header[3]
+            magic, version, kind, nbuf, request_id, length = HEADER.unpack_from(view, self._start)
+            if (magic != MAGIC or version != VERSION or kind not in KINDS
+                    or length > self.max_size or length < nbuf * _LENGTH.size):
+                _check_header(view, self._start, self.max_size)
+            header = kind, nbuf, request_id, length
             body_start = self._start + HEADER.size
             available = self._end - body_start
             if available >= length:
                 payload = bytes(view[body_start:body_start + length])
                 self._start = body_start + length
-                self._ready.append(_make_frame(header, payload))
+                self._ready.append(Frame(kind, request_id, payload) if not nbuf
+                                   else _make_frame(header, payload))
                 continue
             needed = HEADER.size + length
             if needed > _STAGING_MAX:
@@ -286,6 +290,7 @@ class Decoder:
 
 
 def _check_header(view, start, max_size):
+    """Raise the ``ProtocolError`` for a header that breaks the format; return its fields if none does."""
     magic, version, kind, nbuf, request_id, length = HEADER.unpack_from(view, start)
     if magic != MAGIC:
         raise ProtocolError(f'bad magic {bytes(magic)!r}: the peer does not speak DOPY')
