@@ -82,6 +82,7 @@ import struct
 import time
 
 from .connection import translate_os_error, wait_ready
+from .hub import check_authkey
 from .errors import AuthenticationError, ConnectionLostError, ProtocolError
 
 __all__ = [
@@ -115,19 +116,6 @@ _REJECTED = b'\x00'
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 ENV_VARIABLE = 'DOPY_AUTHKEY'
-
-
-def check_authkey(authkey):
-    """``authkey`` as ``bytes``, or None for no key; TypeError or ValueError if it is not a key."""
-    if authkey is None:
-        return None
-    if isinstance(authkey, str):
-        raise TypeError('an authkey must be bytes, not str: encode it, e.g. key.encode()')
-    if not isinstance(authkey, (bytes, bytearray)):
-        raise TypeError(f'an authkey must be bytes, not {type(authkey).__name__}')
-    if not authkey:
-        raise ValueError('an authkey must not be empty')
-    return bytes(authkey)
 
 
 def _client_proof(key, server_challenge, client_challenge):

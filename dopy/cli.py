@@ -67,9 +67,10 @@ def server_main(argv=None):
                         help='without an authkey, answer clients on other machines too '
                              '(by default only this machine\'s): any of them can run code here')
     args = parser.parse_args(argv)
+    # Before the key is read, so that a warning about its file shows.
+    logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
     authkey = _authkey(parser, args)
     ssl_context = _server_tls(parser, args)
-    logging.basicConfig(level=logging.WARNING, format='dopyserver: %(name)s: %(message)s')
     hub = init(threadMode=args.thread_mode, authkey=authkey)
     test = TestObject()
     hub.addObject(TEST_OBJECT_NAME, test)
@@ -137,6 +138,7 @@ def client_main(argv=None):
     parser.add_argument('--tls-key', metavar='FILE', help="the client certificate's private key (PEM)")
     _add_authkey_option(parser)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='dopyclient: %(name)s: %(message)s')
     authkey = _authkey(parser, args)
     ssl_context = _client_tls(parser, args)
     if args.stdio:

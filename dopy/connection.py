@@ -58,12 +58,6 @@ log = logging.getLogger('dopy.connection')
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
-# A connection that brought a reply this recently is taken as alive without
-# a peek (a system call on every call).  A peer that hung up within these
-# few milliseconds has rarely been replaced by a new one yet, so the peek
-# would mostly trade one CommunicationError for another; the call is never
-# re-sent either way.
-_FRESH = 0.005
 _serials = itertools.count(1)
 
 
@@ -151,7 +145,6 @@ class Connection:
         self._users = 0
         self._close_when_unused = close_when_unused
         self._error = None
-        self._last_reply = 0.0
         # A reader with no deadline sleeps in recv itself, where the stream allows.
         self._recv_wait = stream.recv_wait if self._threaded else None
         self._read_poll = select.poll()
@@ -185,7 +178,6 @@ class Connection:
         request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline)
         try:
             self._wait_for(waiter, deadline)
-            self._last_reply = time.monotonic()
         except CallTimeoutError:
             with self._lock:
                 self._waiters.pop(request_id, None)
@@ -272,8 +264,6 @@ class Connection:
         """False if closed, or found hung up by the peer (without sending anything)."""
         if self._closed:
             return False
-        if time.monotonic() - self._last_reply < _FRESH:
-            return True
         try:
             # A peek consumes nothing, so it is safe beside a reading thread.
             if not self._stream.peek_closed():
@@ -548,9 +538,9 @@ class Connection:
         kind = frame.kind
         if kind == wire.CALL or kind == wire.ONEWAY:
             call = dispatch.prepare(self.lookup, frame, self._loads)
-            if self._pooled:
-                self.hub.submit(lambda: self._run(frame, call))
-            else:
+            if not self._pooled or not self.hub.submit(lambda: self._run(frame, call)):
+                # Every pool thread is busy, perhaps each waiting for a nested
+                # call that needs this one: the reader runs it, as in THRD_CONN.
                 self._run(frame, call)
             return
         if kind == wire.RELEASE:
@@ -564,6 +554,9 @@ class Connection:
             return
         value, error = self._unpack(frame, waiter.name, waiter.method)
         if waiter.future is not None:
+            # Closed first, if its proxies have gone: whoever holds the
+            # future may check the connection as soon as it resolves.
+            self._close_if_unused()
             if error is None:
                 waiter.future.set_result(value)
             else:

@@ -34,7 +34,7 @@ from .loop import Loop
 from .pool import Pool
 
 __all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT',
-           'THRD_CONN', 'THRD_FUNC', 'THRD_NONE', 'DEFAULT_POOL_SIZE']
+           'THRD_CONN', 'THRD_FUNC', 'THRD_NONE', 'DEFAULT_POOL_SIZE', 'check_authkey']
 
 THRD_CONN = 'THRD_CONN'
 THRD_FUNC = 'THRD_FUNC'
@@ -66,7 +66,7 @@ def register_scheme(scheme, factory):
 class Hub:
     """The registry of published objects, and the owner of servers and connections.
 
-    ``Hub(*, threadMode=THRD_CONN, pool_size=32, max_message_size=1 GiB,
+    ``Hub(*, threadMode=THRD_CONN, pool_size=32, max_message_size=256 MiB,
     call_timeout=None, authkey=None)``, all keyword arguments:
 
     ``max_message_size`` bounds every frame this hub receives, in bytes.
@@ -74,11 +74,16 @@ class Hub:
     proxies this hub makes from references it receives or unpickles, which
     have no ``remote(timeout=...)`` of their own.  ``threadMode`` is one of
     ``THRD_CONN``, ``THRD_FUNC``, ``THRD_NONE``; ``pool_size`` bounds the
-    THRD_FUNC pool.  ``authkey`` (bytes) is the key this hub's servers and
+    THRD_FUNC pool; when all its threads are busy, a connection's reader
+    runs the next call itself.  ``authkey`` (bytes) is the key this hub's servers and
     proxies use when they are not given one (see ``dopy.auth``).
     """
 
     def __init__(self, **settings):
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f'unknown hub settings: {", ".join(unknown)} '
+                            f'(the settings are {", ".join(_SETTINGS)})')
         self.settings = _checked_settings(**settings)
         self.authkey = self.settings['authkey']
         self.threadMode = self.settings['threadMode']
@@ -116,9 +121,17 @@ class Hub:
         if name.startswith('#'):
             raise ValueError(f'object names starting with "#" are reserved: {name!r}')
         if expose is not None:
-            if isinstance(expose, str) or not all(isinstance(m, str) for m in expose):
-                raise TypeError(f'expose must be a list of method names, not {expose!r}')
-            expose = frozenset(expose)
+            wrong = TypeError(f'expose must be a list of method names, not {expose!r}')
+            if isinstance(expose, (str, bytes)):
+                raise wrong
+            try:
+                # Taken once: a generator would be used up by a check before it.
+                names = frozenset(expose)
+            except TypeError:
+                raise wrong from None
+            if not all(isinstance(m, str) for m in names):
+                raise wrong
+            expose = names
         with self._lock:
             old = self._objects.get(name)
             if old is not None and self._names.get(id(old[0])) == name:
@@ -155,7 +168,8 @@ class Hub:
     def stats(self):
         """Counts for watching a long-running hub: objects, servers, connections, references."""
         with self._lock:
-            connections = list(self._connections)
+            # Closed connections may linger, held by a proxy: they are not counted.
+            connections = [c for c in self._connections if not c.closed]
             for server in self._servers:
                 connections.extend(server.connections())
             counts = {'objects': len(self._objects), 'servers': len(self._servers),
@@ -197,8 +211,8 @@ class Hub:
         return self.threadMode != THRD_NONE
 
     def submit(self, work):
-        """Run ``work()`` on the THRD_FUNC pool."""
-        self._pool.submit(work)
+        """Start ``work()`` on an idle thread of the THRD_FUNC pool; False if every one is busy."""
+        return self._pool.submit(work)
 
     def addReactor(self, fileobj, callback):
         """Call ``callback(fileobj)`` from the hub's loop whenever ``fileobj`` is readable.
@@ -306,11 +320,26 @@ class Hub:
             self._connections.add(connection)
 
 
+def check_authkey(authkey):
+    """``authkey`` as ``bytes``, or None for no key; TypeError or ValueError if it is not a key."""
+    if authkey is None:
+        return None
+    if isinstance(authkey, str):
+        raise TypeError('an authkey must be bytes, not str: encode it, e.g. key.encode()')
+    if not isinstance(authkey, (bytes, bytearray)):
+        raise TypeError(f'an authkey must be bytes, not {type(authkey).__name__}')
+    if not authkey:
+        raise ValueError('an authkey must not be empty')
+    return bytes(authkey)
+
+
+_SETTINGS = ('threadMode', 'pool_size', 'max_message_size', 'call_timeout', 'authkey')
+
+
 def _checked_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
                       max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None, authkey=None):
     """A hub's settings, checked; the keyword arguments and defaults of ``Hub``."""
-    if authkey is not None and not (isinstance(authkey, (bytes, bytearray)) and authkey):
-        raise TypeError('authkey must be non-empty bytes, or None')
+    authkey = check_authkey(authkey)
     if threadMode not in _MODES:
         raise ValueError(f'threadMode must be one of {", ".join(_MODES)}, not {threadMode!r}')
     if not isinstance(pool_size, int) or pool_size <= 0:
@@ -321,7 +350,7 @@ def _checked_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
         raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
     return {'threadMode': threadMode, 'pool_size': pool_size,
             'max_message_size': max_message_size, 'call_timeout': call_timeout,
-            'authkey': None if authkey is None else bytes(authkey)}
+            'authkey': authkey}
 
 
 def _stdin_fd():

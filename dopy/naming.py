@@ -54,8 +54,14 @@ class NamingContext:
 
     A subclass provides ``_get(path)`` (``(value_bytes, is_context)`` or
     None), ``_put(path, value_bytes, is_context)``, ``_remove(path)`` (true
-    if it was bound), ``_paths()``, and ``_encode``/``_decode`` for values.
+    if it was bound), ``_paths()``, and ``_encode``/``_decode`` for values,
+    and calls ``NamingContext.__init__``.
     """
+
+    def __init__(self):
+        # Held from the check that nothing is bound under a name to the
+        # binding itself, so two writers cannot bind 'a' and 'a/b' at once.
+        self._binding_lock = threading.Lock()
 
     def isNamingContext(self):
         """True: lets a context recognise another one, even through a proxy."""
@@ -72,14 +78,19 @@ class NamingContext:
 
     def __setitem__(self, name, value):
         mount, rest, path = self._locate(name)
-        if mount is not None:
-            mount[rest] = value
-            return
-        prefix = path + SEPARATOR
-        if any(p.startswith(prefix) for p in self._paths()):
-            raise NamingError(f'{name!r} has names under it: unbind them first')
-        is_context = _is_context(value)
-        self._put(path, self._encode(value), is_context)
+        if mount is None:
+            # Outside the lock: asking a proxy whether it is a context is a remote call.
+            is_context = _is_context(value)
+            data = self._encode(value)
+            with self._binding_lock:
+                mount, rest, path = self._locate(name)
+                if mount is None:
+                    prefix = path + SEPARATOR
+                    if any(p.startswith(prefix) for p in self._paths()):
+                        raise NamingError(f'{name!r} has names under it: unbind them first')
+                    self._put(path, data, is_context)
+                    return
+        mount[rest] = value
 
     def __delitem__(self, name):
         mount, rest, path = self._locate(name)
@@ -165,6 +176,7 @@ class StandardNamingContext(NamingContext):
     """A naming context in memory: gone when the process ends."""
 
     def __init__(self):
+        super().__init__()
         self._bindings = {}
         self._lock = threading.Lock()
 
@@ -214,6 +226,7 @@ class PersistentNamingContext(NamingContext):
     """
 
     def __init__(self, path, hub=None):
+        super().__init__()
         self.path = path
         self._hub = hub
         self._lock = threading.Lock()

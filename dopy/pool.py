@@ -28,19 +28,26 @@ class Pool:
         self._closed = False
 
     def submit(self, work):
-        """Run ``work()`` on a pool thread; it waits for one if all ``size`` are busy."""
+        """Start ``work()`` on an idle or new pool thread and return True; False if all ``size`` are busy.
+
+        Nothing waits for a busy pool: the caller runs refused work itself,
+        so work that waits on other work (nested calls) cannot deadlock.
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError('the pool is shut down')
-            self._queue.put(work)
-            if self._idle <= 0 and len(self._threads) < self._size:
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._size:
                 # Started under the lock, so that shutdown never meets a thread not yet started.
                 thread = threading.Thread(target=self._work, daemon=True,
                                           name=f'{self._name}-{len(self._threads)}')
                 self._threads.append(thread)
                 thread.start()
             else:
-                self._idle -= 1
+                return False
+            self._queue.put(work)
+            return True
 
     def shutdown(self, timeout):
         """Drop the work not yet started and join the threads, waiting at most ``timeout`` seconds."""

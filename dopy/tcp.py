@@ -394,8 +394,10 @@ class _Peer:
             self.connection.close()
         else:
             # Wakes a handshake waiting to read; its thread closes the socket.
+            # The plain socket's shutdown: an SSLSocket's own would drop its
+            # SSL object under a thread that may be mid-handshake.
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -414,9 +416,24 @@ def _listen(host, port):
         raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
 
 
+# Keepalive probes start after this many idle seconds, and the connection is
+# declared lost after _KEEPALIVE_PROBES unanswered ones, _KEEPALIVE_INTERVAL
+# apart: a vanished peer is found in about two minutes, not the system's two hours.
+_KEEPALIVE_IDLE = 60
+_KEEPALIVE_INTERVAL = 10
+_KEEPALIVE_PROBES = 6
+
+
 def _tune(sock):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # TCP_KEEPIDLE is Linux's name, TCP_KEEPALIVE macOS's; elsewhere the system's defaults stay.
+    idle = getattr(socket, 'TCP_KEEPIDLE', None) or getattr(socket, 'TCP_KEEPALIVE', None)
+    for option, value in ((idle, _KEEPALIVE_IDLE),
+                          (getattr(socket, 'TCP_KEEPINTVL', None), _KEEPALIVE_INTERVAL),
+                          (getattr(socket, 'TCP_KEEPCNT', None), _KEEPALIVE_PROBES)):
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _plain_ip(ip):

@@ -95,10 +95,13 @@ class Frame:
 
 
 class _OutOfBand:
-    """A large ``bytes`` or ``bytearray`` to send out of band, rebuilt as its own type.
+    """A large ``bytes`` or ``bytearray``, or a ``memoryview``, to send out of band, rebuilt as its own type.
 
-    Pickle protocol 5 keeps these two types inside the pickle; wrapped, they
-    travel as a separate segment sent from their own memory.
+    Pickle protocol 5 keeps bytes and bytearray inside the pickle, and
+    cannot pickle a memoryview at all; wrapped, they travel as a separate
+    segment sent from their own memory (a small memoryview goes in the
+    pickle).  A memoryview arrives as a memoryview of the received frame,
+    with its format and shape.
     """
 
     __slots__ = ('data',)
@@ -107,12 +110,21 @@ class _OutOfBand:
         self.data = data
 
     def __reduce_ex__(self, protocol):
-        return type(self.data), (pickle.PickleBuffer(self.data),)
+        data = self.data
+        if type(data) is memoryview:
+            return _rebuild_view, (pickle.PickleBuffer(data), data.format, data.shape)
+        return type(data), (pickle.PickleBuffer(data),)
+
+
+def _rebuild_view(buffer, format, shape):
+    view = memoryview(buffer)
+    return view if format == 'B' and len(shape) == 1 else view.cast('B').cast(format, shape)
 
 
 def out_of_band(value):
-    """``value``, wrapped to travel out of band if it is a large ``bytes`` or ``bytearray``."""
-    if type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND_THRESHOLD:
+    """``value``, wrapped to travel out of band if it is a large ``bytes`` or ``bytearray``, or a ``memoryview``."""
+    kind = type(value)
+    if kind is memoryview or (kind in (bytes, bytearray) and len(value) >= OUT_OF_BAND_THRESHOLD):
         return _OutOfBand(value)
     return value
 

@@ -82,11 +82,13 @@ class HubCase(Case):
 
     thread_mode = dopy.THRD_CONN
     transport = 'tcp'
+    # More settings for both hubs.
+    hub_settings = {}
 
     def setUp(self):
         super().setUp()
-        self.hub = dopy.Hub(threadMode=self.thread_mode)
-        self.client_hub = dopy.Hub(threadMode=self.thread_mode)
+        self.hub = dopy.Hub(threadMode=self.thread_mode, **self.hub_settings)
+        self.client_hub = dopy.Hub(threadMode=self.thread_mode, **self.hub_settings)
         self.server = None
         if self.thread_mode == dopy.THRD_NONE:
             loop = threading.Thread(target=self.hub.mainloop, kwargs={'console': False},

@@ -1,6 +1,7 @@
 """Calls through a proxy over real sockets on 127.0.0.1, server and client in this process."""
 
 import contextlib
+import logging
 import pickle
 import socket
 import threading
@@ -10,7 +11,7 @@ import unittest
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import raw_client, TIMEOUT, HubCase, each_mode
+from tests.support import raw_client, TIMEOUT, HubCase, each_mode, logged
 
 
 class Service:
@@ -86,6 +87,9 @@ class BasicCalls(HubCase):
         blob = bytes(range(256)) * (4 << 12)
         self.assertEqual(self.p.echo(blob), blob)
         self.assertEqual(self.p.echo(bytearray(blob)), bytearray(blob))
+        back = self.p.echo(memoryview(blob))
+        self.assertIs(type(back), memoryview)
+        self.assertEqual(back, memoryview(blob))
 
     def test_out_of_band_buffers_round_trip(self):
         blobs = [Blob(bytearray(b'q' * (3 << 20))), Blob(b'small'), Blob(bytes(range(256)) * 1000)]
@@ -261,11 +265,21 @@ class Pipelining(HubCase):
         self.assertEqual(log.count(), 100)
         self.assertEqual(seen, list(range(100)))
 
+    def test_a_proxy_closed_with_a_future_in_flight_frees_its_connection_after_the_reply(self):
+        future = self.p.wait_for_release.future('late')
+        self.assertTrue(self.service.started.wait(TIMEOUT))
+        dopy.close(self.p)
+        self.assertEqual(self.client_hub.stats()['connections'], 1)
+        self.service.release.set()
+        self.assertEqual(future.result(TIMEOUT), 'late')
+        self.assertEqual(self.client_hub.stats()['connections'], 0)
+
     def test_oneway_failure_is_logged_by_the_server(self):
-        with self.assertLogs('dopy', 'WARNING') as logs:
+        # In THRD_FUNC the next call may finish first: logged() waits for the record.
+        with logged('dopy', logging.WARNING) as records:
             self.p.fail.oneway('nobody waits')
             self.assertEqual(self.p.echo('after'), 'after')
-        self.assertIn("KeyError: 'nobody waits'", '\n'.join(logs.output))
+        self.assertIn("KeyError: 'nobody waits'", '\n'.join(r.getMessage() for r in records))
 
     def test_no_thread_is_left_after_shutdown(self):
         self.assertEqual(self.p.echo.future(1).result(TIMEOUT), 1)

@@ -94,6 +94,27 @@ class ContextBehaviour:
         self.assertNotIn('lock', self.ns)
         self.assertEqual(len(self.ns), 0)
 
+    def test_a_name_and_a_name_under_it_are_never_both_bound_by_racing_writers(self):
+        for attempt in range(100):
+            start = threading.Barrier(2)
+            bound = []
+
+            def bind(name):
+                start.wait(TIMEOUT)
+                try:
+                    self.ns[name] = attempt
+                    bound.append(name)
+                except dopy.NamingError:
+                    pass
+
+            threads = [threading.Thread(target=bind, args=(name,))
+                       for name in (f'x{attempt}', f'x{attempt}/y')]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(TIMEOUT)
+            self.assertEqual(len(bound), 1, bound)
+
 class StandardContext(ContextBehaviour, Case):
     def make(self):
         return StandardNamingContext()

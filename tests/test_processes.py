@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -32,9 +33,50 @@ def start_dopyserver(*args, interactive=False):
     return proc, int(banner.rsplit(':', 1)[1])
 
 
-def run_client(*args):
+def run_client(*args, env=None):
     return subprocess.run([sys.executable, DOPYCLIENT, *args], capture_output=True, text=True,
-                          timeout=TIMEOUT * 3, cwd=ROOT)
+                          timeout=TIMEOUT * 3, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+CERTS = os.path.join(ROOT, 'tests', 'certs')
+
+
+class ScriptSecurity(unittest.TestCase):
+    def key_file(self, mode=0o600):
+        fd, path = tempfile.mkstemp(prefix='dopy-test-key-')
+        self.addCleanup(os.remove, path)
+        os.write(fd, b'a key for the scripts\n')
+        os.close(fd)
+        os.chmod(path, mode)
+        return path
+
+    def test_the_scripts_share_a_key_from_a_file_and_from_the_environment(self):
+        server, port = start_dopyserver('--port', '0', '--authkey-file', self.key_file())
+        keyed = run_client(f'localhost:{port}', env={'DOPY_AUTHKEY': 'a key for the scripts'})
+        keyless = run_client(f'localhost:{port}')
+        status, _, err = stop(server)
+        self.assertEqual(keyed.returncode, 0, keyed.stderr)
+        self.assertTrue(keyed.stdout.endswith('test of exceptions ok\n'), keyed.stdout)
+        self.assertNotEqual(keyless.returncode, 0)
+        self.assertEqual(len(keyless.stderr.splitlines()), 1, keyless.stderr)
+        self.assertIn('authkey', keyless.stderr)
+        self.assertEqual(status, 0, err)
+
+    def test_a_key_file_other_users_may_read_is_warned_about(self):
+        client = run_client(f'127.0.0.1:{free_port()}', '--authkey-file', self.key_file(0o644))
+        self.assertIn('chmod 600', client.stderr)
+
+    def test_the_scripts_over_tls(self):
+        server, port = start_dopyserver('--port', '0', '--tls-cert', os.path.join(CERTS, 'server.pem'),
+                                        '--tls-key', os.path.join(CERTS, 'server.key'))
+        trusting = run_client(f'localhost:{port}', '--tls-ca', os.path.join(CERTS, 'ca.pem'))
+        plain = run_client(f'localhost:{port}', '--timeout', '1')
+        status, _, err = stop(server)
+        self.assertEqual(trusting.returncode, 0, trusting.stderr)
+        self.assertTrue(trusting.stdout.endswith('test of exceptions ok\n'), trusting.stdout)
+        self.assertNotEqual(plain.returncode, 0)
+        self.assertNotIn('Traceback', plain.stderr)
+        self.assertEqual(status, 0, err)
 
 
 class Scripts(HubCase):

@@ -81,6 +81,29 @@ class TwoHubs(HubCase):
         return proxy
 
 
+
+@each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_FUNC,))
+class NestedPastThePool(TwoHubs):
+    """THRD_FUNC with pools smaller than the nesting: a busy pool's calls run on the reader."""
+
+    thread_mode = dopy.THRD_FUNC
+    hub_settings = {'pool_size': 2}
+
+    def test_callbacks_nested_deeper_than_the_pool_complete(self):
+        service = self.p
+        trail = []
+
+        class Bouncer:
+            def bounce(self, depth):
+                trail.append(depth)
+                if depth == 0:
+                    return 'bottom'
+                return service.bounce(dopy.ref(self), depth - 1)
+
+        self.assertEqual(self.p.bounce(dopy.ref(Bouncer()), 8), 'bottom')
+        self.assertEqual(trail, list(range(8, -1, -1)))
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class Callbacks(TwoHubs):
     def test_a_ref_arrives_as_a_proxy_whose_calls_run_here(self):

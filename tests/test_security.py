@@ -129,6 +129,11 @@ class AllowList(HubCase):
             p.close_account()
         self.assertEqual(account.ran, [])
 
+    def test_an_allow_list_may_be_any_iterable_of_names(self):
+        self.hub.addObject('obj', Echo(), expose=(name for name in ['echo']))
+        self.server = dopy.tcp.makeServer(0, hub=self.hub)
+        self.assertEqual(self.proxy('obj').echo(1), 1)
+
     def test_bad_allow_lists(self):
         for expose in ('balance', [1], 5):
             with self.subTest(expose=expose), self.assertRaises(TypeError):
@@ -328,6 +333,25 @@ class Tls(HubCase):
             with self.assertRaises(dopy.CommunicationError):
                 dopy.tcp.remote('localhost', self.server.port, 'obj', timeout=TIMEOUT,
                                 hub=self.client_hub)
+
+    def test_closing_the_server_mid_tls_handshake_fails_no_thread(self):
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=server_context())
+        errors = []
+        old_hook = threading.excepthook
+        threading.excepthook = errors.append
+        self.addCleanup(setattr, threading, 'excepthook', old_hook)
+        # A client that sends its hello and stops once the server has answered:
+        # the server is then inside its handshake, waiting for the rest.
+        outgoing = ssl.MemoryBIO()
+        hello = client_context().wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname='localhost')
+        with self.assertRaises(ssl.SSLWantReadError):
+            hello.do_handshake()
+        with socket.create_connection(('127.0.0.1', self.server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(outgoing.read())
+            self.assertTrue(sock.recv(1))
+            self.server.close()
+        self.assertEqual(errors, [])
+        self.assertEqual(self.hub.stats()['connections'], 0)
 
 
 NETNS_REASON = netns.unavailable()

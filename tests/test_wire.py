@@ -1,5 +1,6 @@
 """The wire format, without sockets: frames in, bytes out, and back, whatever the chunking."""
 
+import array
 import pickle
 import struct
 import unittest
@@ -76,6 +77,23 @@ class OutOfBand(unittest.TestCase):
                 self.assertLess(len(data), 200)
                 self.assertIs(type(back), type(value))
                 self.assertEqual(back, value)
+
+    def test_a_memoryview_comes_back_as_a_memoryview_with_its_format_and_shape(self):
+        large = bytes(range(256)) * 400
+        cases = [(memoryview(b'small'), 0), (memoryview(large), 1),
+                 (memoryview(array.array('d', [1.5, 2.5])), 0),
+                 (memoryview(bytearray(range(12))).cast('B', (3, 4)), 0)]
+        for view, out_of_band in cases:
+            with self.subTest(format=view.format, shape=view.shape, size=view.nbytes):
+                _, buffers, back = self.round_trip(view)
+                self.assertEqual(len(buffers), out_of_band)
+                self.assertIs(type(back), memoryview)
+                self.assertEqual((back.format, back.shape), (view.format, view.shape))
+                self.assertEqual(back.tolist(), view.tolist())
+
+    def test_a_non_contiguous_memoryview_does_not_pickle(self):
+        with self.assertRaises(pickle.PicklingError):
+            wire.dumps(wire.out_of_band(memoryview(bytes(10))[::2]))
 
     def test_small_values_and_other_types_stay_as_they_are(self):
         for value in (b'small', bytearray(b'x' * 100), 'text' * 50_000, [b'y' * 100_000]):
