@@ -1,4 +1,4 @@
-"""The bounded thread pool of THRD_FUNC: calls run on up to ``size`` threads, started as needed.
+"""The bounded thread pool of THRD_FUNC: calls run on up to ``size`` threads, started as needed; when all are busy, the caller runs the call.
 
 Unlike ``concurrent.futures.ThreadPoolExecutor`` it can be shut down from
 one of its own threads (a remote method that shuts the hub down) and it
