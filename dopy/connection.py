@@ -297,21 +297,19 @@ class Connection:
         if self._closed:
             return
         try:
-            received = self._stream.recv_into(self._decoder.get_buffer())
+            received = self._decoder.receive(self._stream.recv_into)
         except BlockingIOError:
             received = None  # read already by a nested turn of the loop
+        except ProtocolError as exc:
+            self._refuse(exc)
+            self._ended(exc)
+            return
         except OSError as exc:
             self._ended(self._lost(exc))
             return
         try:
             if received == 0:
                 raise self._lost(None)
-            if received:
-                try:
-                    self._decoder.advance(received)
-                except ProtocolError as exc:
-                    self._refuse(exc)
-                    raise
             self._handle_ready()
             if self._stream.pending():
                 # Decrypted bytes the descriptor does not show: read them before the loop blocks.
@@ -600,18 +598,16 @@ class Connection:
                 if not self._stream.pending():
                     self._wait(self._read_poll, deadline)
             try:
-                received = receive(decoder.get_buffer())
+                received = decoder.receive(receive)
             except BlockingIOError:
                 continue
+            except ProtocolError as exc:
+                self._refuse(exc)
+                raise
             except OSError as exc:
                 raise self._lost(exc)
             if not received:
                 raise self._lost(None)
-            try:
-                decoder.advance(received)
-            except ProtocolError as exc:
-                self._refuse(exc)
-                raise
 
     def _send(self, segments, deadline):
         with self._send_lock:

@@ -22,6 +22,7 @@ Threading modes (``threadMode=``):
 import atexit
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -67,7 +68,7 @@ class Hub:
     """The registry of published objects, and the owner of servers and connections.
 
     ``Hub(*, threadMode=THRD_CONN, pool_size=32, max_message_size=256 MiB,
-    call_timeout=None, authkey=None)``, all keyword arguments:
+    call_timeout=None, authkey=None, ssl_context=None)``, all keyword arguments:
 
     ``max_message_size`` bounds every frame this hub receives, in bytes.
     ``call_timeout`` (seconds, or None for no limit) bounds the calls of
@@ -76,16 +77,15 @@ class Hub:
     ``THRD_CONN``, ``THRD_FUNC``, ``THRD_NONE``; ``pool_size`` bounds the
     THRD_FUNC pool; when all its threads are busy, a connection's reader
     runs the next call itself.  ``authkey`` (bytes) is the key this hub's servers and
-    proxies use when they are not given one (see ``dopy.auth``).
+    proxies use when they are not given one (see ``dopy.auth``);
+    ``ssl_context`` (a client-side ``ssl.SSLContext``), the TLS of the
+    connections its proxies open when not given one, references included.
     """
 
     def __init__(self, **settings):
-        unknown = sorted(set(settings) - set(_SETTINGS))
-        if unknown:
-            raise TypeError(f'unknown hub settings: {", ".join(unknown)} '
-                            f'(the settings are {", ".join(_SETTINGS)})')
         self.settings = _checked_settings(**settings)
         self.authkey = self.settings['authkey']
+        self.ssl_context = self.settings['ssl_context']
         self.threadMode = self.settings['threadMode']
         self.max_message_size = self.settings['max_message_size']
         self.call_timeout = self.settings['call_timeout']
@@ -333,13 +333,24 @@ def check_authkey(authkey):
     return bytes(authkey)
 
 
-_SETTINGS = ('threadMode', 'pool_size', 'max_message_size', 'call_timeout', 'authkey')
+_SETTINGS = ('threadMode', 'pool_size', 'max_message_size', 'call_timeout', 'authkey', 'ssl_context')
 
 
-def _checked_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
-                      max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None, authkey=None):
-    """A hub's settings, checked; the keyword arguments and defaults of ``Hub``."""
+def _checked_settings(**settings):
+    """A hub's settings, checked and completed with the defaults: the keyword arguments of ``Hub``."""
+    unknown = sorted(set(settings) - set(_SETTINGS))
+    if unknown:
+        raise TypeError(f'unknown hub settings: {", ".join(unknown)} '
+                        f'(the settings are {", ".join(_SETTINGS)})')
+    return _completed_settings(**settings)
+
+
+def _completed_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
+                        max_message_size=wire.DEFAULT_MAX_MESSAGE_SIZE, call_timeout=None, authkey=None,
+                        ssl_context=None):
     authkey = check_authkey(authkey)
+    if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+        raise TypeError(f'ssl_context must be an ssl.SSLContext or None, not {ssl_context!r}')
     if threadMode not in _MODES:
         raise ValueError(f'threadMode must be one of {", ".join(_MODES)}, not {threadMode!r}')
     if not isinstance(pool_size, int) or pool_size <= 0:
@@ -350,7 +361,7 @@ def _checked_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
         raise ValueError(f'call_timeout must be None or a positive number, not {call_timeout!r}')
     return {'threadMode': threadMode, 'pool_size': pool_size,
             'max_message_size': max_message_size, 'call_timeout': call_timeout,
-            'authkey': authkey}
+            'authkey': authkey, 'ssl_context': ssl_context}
 
 
 def _stdin_fd():

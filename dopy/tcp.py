@@ -84,12 +84,13 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_contex
     that is down raises ``CommunicationError`` here.  ``authkey`` (bytes;
     the hub's by default) is the key the server must share; a client with a
     key refuses a server that does not authenticate.  ``ssl_context`` (an
-    ``ssl.SSLContext`` for the client side) makes the connection TLS,
-    checking the server's certificate against ``host``.
+    ``ssl.SSLContext`` for the client side; the hub's by default) makes the
+    connection TLS, checking the server's certificate against ``host``.
     """
     hub = hub if hub is not None else getHub()
     proxy = _proxy(hub, host, port, name, timeout,
-                   authkey if authkey is not None else hub.authkey, ssl_context)
+                   authkey if authkey is not None else hub.authkey,
+                   ssl_context if ssl_context is not None else hub.ssl_context)
     proxy._dopy_link.get()
     return proxy
 
@@ -468,7 +469,7 @@ def _tls_handshake(sock, deadline, what):
         wait_ready(poller, deadline, what)
 
 
-def _proxy(hub, host, port, name, timeout, authkey, ssl_context=None):
+def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
     if not isinstance(name, str) or not name:
         raise TypeError(f'an object name must be a non-empty str, not {name!r}')
     if not isinstance(port, int) or not 0 < port <= 65535:
@@ -523,7 +524,7 @@ def _parse_reference(rest):
 
 def _from_reference(hub, rest, timeout, connect):
     host, port, name = _parse_reference(rest)
-    proxy = _proxy(hub, host, port, name, timeout, hub.authkey)
+    proxy = _proxy(hub, host, port, name, timeout, hub.authkey, hub.ssl_context)
     if connect:
         proxy._dopy_link.get()
     return proxy

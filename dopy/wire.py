@@ -237,6 +237,23 @@ class Decoder:
             self._end += nbytes
         self._parse()
 
+    def receive(self, recv):
+        """``recv(buffer)`` (a ``recv_into``) straight into the decoder; returns what it returned.
+
+        The same as ``advance(recv(get_buffer()))`` for a count above zero,
+        in one step: this is every read's path.
+        """
+        if self._large is None and self._end < len(self._staging):
+            received = recv(self._view[self._end:])
+            if received:
+                self._end += received
+                self._parse()
+            return received
+        received = recv(self.get_buffer())
+        if received:
+            self.advance(received)
+        return received
+
     def feed(self, data):
         """Copy ``data`` in; frames it completes become ready."""
         data = memoryview(data).cast('B')

@@ -36,10 +36,18 @@ class TheProcessHub(Case):
             dopy.init(max_message_size=8192)
 
     def test_init_refuses_unknown_and_bad_settings(self):
-        with self.assertRaises(TypeError):
+        with self.assertRaisesRegex(TypeError, 'unknown hub settings: colour'):
             dopy.init(colour='blue')
         with self.assertRaises(ValueError):
             dopy.init(max_message_size=0)
+        for bad, error in ((b'', ValueError), ('text', TypeError)):
+            with self.subTest(authkey=bad), self.assertRaises(error):
+                dopy.Hub(authkey=bad)
+        with self.assertRaises(TypeError):
+            dopy.Hub(ssl_context='not a context')
+        dopy.init()
+        with self.assertRaisesRegex(TypeError, 'unknown hub settings: colour'):
+            dopy.init(colour='blue')
 
     def test_a_shut_down_hub_is_replaced(self):
         old = dopy.getHub()

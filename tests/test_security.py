@@ -334,6 +334,22 @@ class Tls(HubCase):
                 dopy.tcp.remote('localhost', self.server.port, 'obj', timeout=TIMEOUT,
                                 hub=self.client_hub)
 
+    def test_the_hubs_tls_context_serves_reference_strings_and_remote(self):
+        self.server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=server_context())
+        reference = f'tcp:localhost:{self.server.port}:obj'
+        plain = self.client_hub.makeRemoteObject(reference, timeout=0.5, connect=False)
+        self.addCleanup(dopy.close, plain)
+        with logged('dopy.auth'), self.assertRaises(dopy.CommunicationError):
+            plain.echo('no TLS')
+        tls_hub = dopy.Hub(threadMode=self.thread_mode, ssl_context=client_context())
+        self.addCleanup(tls_hub.shutdown)
+        by_reference = tls_hub.makeRemoteObject(reference, timeout=TIMEOUT)
+        self.addCleanup(dopy.close, by_reference)
+        self.assertEqual(by_reference.echo('over TLS'), 'over TLS')
+        by_remote = dopy.tcp.remote('localhost', self.server.port, 'obj', timeout=TIMEOUT, hub=tls_hub)
+        self.addCleanup(dopy.close, by_remote)
+        self.assertEqual(by_remote.echo('also'), 'also')
+
     def test_closing_the_server_mid_tls_handshake_fails_no_thread(self):
         self.server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=server_context())
         errors = []
