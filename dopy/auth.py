@@ -89,7 +89,7 @@ __all__ = [
     'MAGIC', 'VERSION', 'OPEN', 'AUTH', 'REFUSED', 'GREETING', 'CHALLENGE_SIZE',
     'ANSWER_SIZE', 'MAX_REFUSAL_SIZE', 'DEFAULT_HANDSHAKE_TIMEOUT', 'ENV_VARIABLE',
     'ServerHandshake', 'ClientHandshake', 'server_handshake', 'client_handshake',
-    'check_authkey', 'is_loopback', 'read_authkey_file', 'authkey_from_env',
+    'check_authkey', 'is_loopback', 'read_authkey_file', 'authkey_from_env', 'wait_for_socket',
 ]
 
 log = logging.getLogger('dopy.auth')
@@ -391,18 +391,21 @@ def log_failure(peer, why):
     log.warning('handshake with %s failed: %s', peer, why)
 
 
-def client_handshake(sock, authkey, deadline=None):
+def client_handshake(sock, authkey, deadline=None, wait=None):
     """Run the client's side of the handshake on a connected socket.
 
     ``deadline`` is a ``time.monotonic()`` time, or None for no limit.
-    Returns once frames may be sent; reads nothing past the handshake.
-    Raises ``AuthenticationError``, ``ProtocolError``, ``CallTimeoutError``,
-    ``ConnectionLostError`` or another ``CommunicationError``.
+    ``wait(sock, events, deadline, what)`` waits until the socket is ready
+    for ``select.POLLIN`` or ``POLLOUT`` (``wait_for_socket`` by default; a
+    THRD_NONE hub runs its loop meanwhile).  Returns once frames may be
+    sent; reads nothing past the handshake.  Raises ``AuthenticationError``,
+    ``ProtocolError``, ``CallTimeoutError``, ``ConnectionLostError`` or
+    another ``CommunicationError``.
     """
-    _drive(sock, ClientHandshake(authkey), deadline, _peer_name(sock))
+    _drive(sock, ClientHandshake(authkey), deadline, _peer_name(sock), wait)
 
 
-def _drive(sock, handshake, deadline, peer):
+def _drive(sock, handshake, deadline, peer, wait=None):
     """Run ``handshake`` over ``sock`` until it is done, or raise why not."""
     what = f'handshake with {peer}'
     timeout = sock.gettimeout()
@@ -410,14 +413,15 @@ def _drive(sock, handshake, deadline, peer):
     # the deadline (a blocking TLS read waits for a whole record).
     sock.settimeout(0.0)
     try:
-        _send_all(sock, handshake.initial(), deadline, what)
+        wait = wait or wait_for_socket
+        _send_all(sock, handshake.initial(), deadline, what, wait)
         while not handshake.done and not handshake.failed:
-            data = _recv(sock, handshake.wanted, deadline, what)
+            data = _recv(sock, handshake.wanted, deadline, what, wait)
             if not data:
                 raise ConnectionLostError(f'{peer} closed the connection during the handshake')
             out = handshake.feed(data)
             if out:
-                _send_all(sock, out, deadline, what)
+                _send_all(sock, out, deadline, what, wait)
         if handshake.failed:
             raise handshake.error
     finally:
@@ -425,12 +429,12 @@ def _drive(sock, handshake, deadline, peer):
             sock.settimeout(timeout)
 
 
-def _recv(sock, size, deadline, what):
+def _recv(sock, size, deadline, what, wait):
     events = select.POLLIN
     pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
     while True:
         if not pending:
-            _wait(sock, events, deadline, what)
+            wait(sock, events, deadline, what)
         pending = False
         try:
             return sock.recv(size)
@@ -442,11 +446,11 @@ def _recv(sock, size, deadline, what):
             raise translate_os_error(exc, what) from exc
 
 
-def _send_all(sock, data, deadline, what):
+def _send_all(sock, data, deadline, what, wait):
     view = memoryview(data)
     events = select.POLLOUT
     while view:
-        _wait(sock, events, deadline, what)
+        wait(sock, events, deadline, what)
         try:
             sent = sock.send(view)
         except (BlockingIOError, ssl.SSLWantWriteError):
@@ -461,7 +465,8 @@ def _send_all(sock, data, deadline, what):
         events = select.POLLOUT
 
 
-def _wait(sock, events, deadline, what):
+def wait_for_socket(sock, events, deadline, what):
+    """Wait until ``sock`` is ready for ``events`` (``select.POLLIN``/``POLLOUT``), or ``CallTimeoutError`` at ``deadline``."""
     poller = select.poll()
     poller.register(sock.fileno(), events)
     wait_ready(poller, deadline, what)

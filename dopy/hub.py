@@ -99,6 +99,8 @@ class Hub:
         self._servers = set()
         self._connections = weakref.WeakSet()
         self._closed = threading.Event()
+        self._shut_down = threading.Event()
+        self._shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
 
     def __repr__(self):
         state = 'shut down' if self.closed else f'{len(self._objects)} objects, {len(self._servers)} servers'
@@ -250,6 +252,7 @@ class Hub:
         call ``shutdown()`` after it, or let the process exit.
         """
         if self.closed:
+            self._shut_down.wait(self._shutdown_timeout + 1.0)
             return
         stdin = _stdin_fd() if console else None
         if stdin is not None:
@@ -258,8 +261,14 @@ class Hub:
             shell = Console(names, stdin, lambda: self.closed or self.loop.stopping)
 
             def on_input(fd):
-                if not shell.feed(os.read(fd, CHUNK)):
+                data = os.read(fd, CHUNK)
+                # A line that waits for a call runs this loop (THRD_NONE):
+                # input typed meanwhile waits for it rather than interleave.
+                self.loop.remove_reader(stdin)
+                if not shell.feed(data):
                     self.loop.stop()
+                elif not (self.closed or self.loop.stopping):
+                    self.loop.add_reader(stdin, on_input)
 
             self.loop.add_reader(stdin, on_input)
             shell.prompt()
@@ -273,6 +282,8 @@ class Hub:
         finally:
             self._loop_thread = None
             if self.closed:
+                # A shutdown begun on another thread: return once it is done.
+                self._shut_down.wait(self._shutdown_timeout + 1.0)
                 self.loop.close()
             elif stdin is not None:
                 self.loop.remove_reader(stdin)
@@ -289,6 +300,7 @@ class Hub:
             if self._closed.is_set():
                 return
             self._closed.set()
+            self._shutdown_timeout = timeout
             servers = list(self._servers)
             connections = list(self._connections)
         self.loop.stop()
@@ -301,6 +313,7 @@ class Hub:
             self._pool.shutdown(max(0.0, deadline - time.monotonic()))
         if self._loop_thread is None:
             self.loop.close()
+        self._shut_down.set()
         log.debug('hub shut down')
 
     def _add_server(self, server):

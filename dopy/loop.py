@@ -30,6 +30,7 @@ class Loop:
     def __init__(self):
         self._selector = selectors.DefaultSelector()
         self._callbacks = {}
+        self._always_ready = set()
         self._backlog = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -48,7 +49,12 @@ class Loop:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if fd in self._callbacks:
             raise ValueError(f'{fileobj!r} is already watched by this loop')
-        self._selector.register(fd, selectors.EVENT_READ)
+        try:
+            self._selector.register(fd, selectors.EVENT_READ)
+        except PermissionError:
+            # A regular file (or /dev/null): epoll cannot wait on one, and it
+            # is always readable, so its callback runs on every turn.
+            self._always_ready.add(fd)
         self._callbacks[fd] = (fileobj, callback)
         # Another thread may be blocked in select() without this descriptor.
         self.wake()
@@ -58,7 +64,10 @@ class Loop:
         fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         if self._callbacks.pop(fd, None) is None or self._closed:
             return False
-        self._selector.unregister(fd)
+        if fd in self._always_ready:
+            self._always_ready.discard(fd)
+        else:
+            self._selector.unregister(fd)
         return True
 
     def call_later(self, delay, work):
@@ -104,6 +113,10 @@ class Loop:
     @property
     def stopping(self):
         return self._stopping
+
+    @property
+    def closed(self):
+        return self._closed
 
     def run(self, finished):
         """Run until ``stop()``, or until ``finished()`` is true when the loop wakes."""
@@ -164,6 +177,8 @@ class Loop:
         next_timer = self._run_timers()
         if next_timer is not None and (timeout is None or next_timer < timeout):
             timeout = next_timer
+        if self._always_ready:
+            timeout = 0
         reading = write_fd in self._callbacks
         if write_fd is not None:
             # A socket is read and written through one descriptor.
@@ -190,6 +205,10 @@ class Loop:
                 entry = self._callbacks.get(fd)
                 if entry is not None:
                     entry[1](entry[0])
+        for fd in list(self._always_ready):
+            entry = self._callbacks.get(fd)
+            if entry is not None:
+                entry[1](entry[0])
         return writable
 
     def _drain_wake(self):

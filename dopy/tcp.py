@@ -29,9 +29,9 @@ import threading
 import time
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
-                   is_loopback, log_failure, server_handshake)
-from .connection import Connection, translate_os_error, wait_ready
-from .errors import (AuthenticationError, CommunicationError,
+                   is_loopback, log_failure, server_handshake, wait_for_socket)
+from .connection import Connection, translate_os_error
+from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .proxy import RemoteObject
@@ -449,8 +449,8 @@ def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
 
-def _tls_handshake(sock, deadline, what):
-    """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``."""
+def _tls_handshake(sock, deadline, what, wait=wait_for_socket):
+    """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``; ``wait`` as for ``client_handshake``."""
     sock.setblocking(False)
     while True:
         try:
@@ -464,9 +464,27 @@ def _tls_handshake(sock, deadline, what):
             raise AuthenticationError(f'{what} failed: {getattr(exc, "verify_message", None) or exc.reason or exc}') from exc
         except OSError as exc:
             raise translate_os_error(exc, what) from exc
-        poller = select.poll()
-        poller.register(sock.fileno(), events)
-        wait_ready(poller, deadline, what)
+        wait(sock, events, deadline, what)
+
+
+def _loop_wait(loop):
+    """A ``wait`` for the handshakes that runs ``loop`` meanwhile: a THRD_NONE hub may be connecting to itself."""
+    def wait(sock, events, deadline, what):
+        if loop.closed:
+            raise ConnectionClosedError(f'{what}: the hub has been shut down')
+        try:
+            if events & select.POLLOUT:
+                loop.pump_until(lambda: False, deadline, sock.fileno())
+                return
+            ready = []
+            loop.add_reader(sock.fileno(), lambda _fd: ready.append(True))
+            try:
+                loop.pump_until(lambda: ready, deadline)
+            finally:
+                loop.remove_reader(sock.fileno())
+        except CallTimeoutError as exc:
+            raise CallTimeoutError(f'{what}: timed out') from exc
+    return wait
 
 
 def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
@@ -488,12 +506,13 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
+        wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host,
                                                do_handshake_on_connect=False)
-                _tls_handshake(sock, deadline, f'TLS with {address}')
-            client_handshake(sock, authkey, deadline)
+                _tls_handshake(sock, deadline, f'TLS with {address}', wait)
+            client_handshake(sock, authkey, deadline, wait)
         except BaseException:
             sock.close()
             raise

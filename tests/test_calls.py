@@ -430,6 +430,21 @@ class ServerGoesAway(HubCase):
 
 
 @each_mode()
+class OwnServer(HubCase):
+    def test_a_method_can_call_the_server_of_its_own_hub(self):
+        hub = self.hub
+
+        class Relay:
+            def via_own_server(self, port):
+                with dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=hub) as p:
+                    return p.echo('the long way round')
+
+        self.serve(Service())
+        relay = self.serve(Relay(), 'relay')
+        self.assertEqual(relay.via_own_server(self.server.port), 'the long way round')
+
+
+@each_mode()
 class Addresses(HubCase):
     def test_server_port_zero_and_close_is_idempotent(self):
         server = dopy.tcp.makeServer(0, hub=self.hub)

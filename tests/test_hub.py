@@ -1,5 +1,6 @@
 """The hub: the process's hub, the registry, mainloop and shutdown."""
 
+import socket
 import threading
 import time
 import unittest
@@ -112,6 +113,22 @@ class Shutdown(HubCase):
         self.assertTrue(done.wait(TIMEOUT))
         runner.join(TIMEOUT)
         stopper.join(TIMEOUT)
+
+    def test_mainloop_returns_once_a_shutdown_from_a_remote_method_is_done(self):
+        hub = self.hub
+
+        class Stopper:
+            def stop(self):
+                hub.shutdown()
+
+        hub.addObject('s', Stopper())
+        server = dopy.tcp.makeServer(0, hub=hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 's', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        p.stop.oneway()
+        hub.mainloop(console=False)
+        # The server is closed: its port is free again.
+        socket.create_server(('127.0.0.1', server.port)).close()
 
     def test_mainloop_of_a_shut_hub_returns_at_once(self):
         self.hub.shutdown()

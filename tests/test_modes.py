@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -177,6 +178,25 @@ class Reactors(Case):
             self.assertTrue(got.wait(TIMEOUT))
         self.assertIn('reactor trouble', '\n'.join(logs.output))
         self.assertEqual(calls, [b'1', b'2'])
+
+    def test_a_reactor_on_a_regular_file_reads_it_to_the_end(self):
+        with tempfile.TemporaryFile() as f:
+            f.write(b'line one\nline two\n')
+            f.seek(0)
+            read = []
+
+            def on_data(fileobj):
+                data = os.read(fileobj.fileno(), 4)
+                read.append(data)
+                if not data:
+                    self.hub.removeReactor(fileobj)
+                    self.hub.shutdown()
+
+            self.hub.addReactor(f, on_data)
+            runner = self.run_mainloop()
+            runner.join(TIMEOUT)
+            self.assertFalse(runner.is_alive())
+        self.assertEqual(b''.join(read), b'line one\nline two\n')
 
     def test_bad_reactors(self):
         with self.assertRaises(TypeError):

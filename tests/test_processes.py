@@ -12,7 +12,8 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import (MODES, ROOT, TIMEOUT, HubCase, ServerProcess, read_line, spawn, stop)
+from tests.support import (MODES, ROOT, TIMEOUT, HubCase, ServerProcess, child_env, read_line, spawn,
+                           stop)
 
 DOPYSERVER = os.path.join(ROOT, 'dopyserver')
 DOPYCLIENT = os.path.join(ROOT, 'dopyclient')
@@ -77,6 +78,67 @@ class ScriptSecurity(unittest.TestCase):
         self.assertNotEqual(plain.returncode, 0)
         self.assertNotIn('Traceback', plain.stderr)
         self.assertEqual(status, 0, err)
+
+
+class ConsoleInput(unittest.TestCase):
+    def test_dopyserver_reads_its_console_from_a_file_or_dev_null_in_every_mode(self):
+        for mode in MODES:
+            for lines in ("print('from the file', 6 * 7)\n", None):
+                with self.subTest(mode=mode, input='file' if lines else '/dev/null'):
+                    with tempfile.TemporaryFile('w+') as script:
+                        if lines:
+                            script.write(lines)
+                            script.seek(0)
+                        result = subprocess.run(
+                            [sys.executable, DOPYSERVER, '--port', '0', '--thread-mode', mode],
+                            stdin=script if lines else subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=TIMEOUT * 3, cwd=ROOT, env=child_env())
+                    self.assertEqual(result.returncode, 0, result.stderr)
+                    self.assertNotIn('Traceback', result.stderr)
+                    if lines:
+                        self.assertIn('from the file 42', result.stdout)
+
+    def test_a_line_typed_while_a_thrd_none_console_line_waits_runs_after_it(self):
+        child = spawn(['-c', CONSOLE_WAITING_SERVER])
+        try:
+            port = int(read_line(child.stdout))
+            child.stdin.write("print('first:', p.slow())\n")
+            child.stdin.flush()
+            self.assertEqual(read_line(child.stdout).strip(), 'slow entered')
+            child.stdin.write("print('second')\n")
+            child.stdin.flush()
+            with dopy.tcp.remote('127.0.0.1', port, 'slow', timeout=TIMEOUT, hub=dopy.Hub()) as p:
+                p.release()
+            self.assertEqual(read_line(child.stdout).strip(), 'first: slow done')
+            self.assertEqual(read_line(child.stdout).strip(), 'second')
+        finally:
+            status, _, err = stop(child)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn('Error', err)
+
+
+# A THRD_NONE hub whose console calls a slow method of a threaded hub in the
+# same process; the test releases the method once it has typed a second line.
+CONSOLE_WAITING_SERVER = """
+import threading, dopy, dopy.tcp
+class Slow:
+    def __init__(self):
+        self.released = threading.Event()
+    def slow(self):
+        print('slow entered', flush=True)
+        self.released.wait(30)
+        return 'slow done'
+    def release(self):
+        self.released.set()
+server_hub = dopy.Hub()
+server_hub.addObject('slow', Slow())
+server = dopy.tcp.makeServer(0, hub=server_hub)
+print(server.port, flush=True)
+hub = dopy.init(threadMode=dopy.THRD_NONE)
+p = dopy.tcp.remote('127.0.0.1', server.port, 'slow', timeout=30, hub=hub)
+hub.mainloop(namespace={'p': p})
+server_hub.shutdown()
+"""
 
 
 class Scripts(HubCase):
