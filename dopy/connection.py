@@ -264,6 +264,10 @@ class Connection:
         """False if closed, or found hung up by the peer (without sending anything)."""
         if self._closed:
             return False
+        if self._reader_thread is not None:
+            # A reader thread sleeps in recv on this connection: a hang-up
+            # wakes it and closes the connection, so no peek is needed.
+            return True
         try:
             # A peek consumes nothing, so it is safe beside a reading thread.
             if not self._stream.peek_closed():
