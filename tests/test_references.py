@@ -71,6 +71,21 @@ class TwoHubs(HubCase):
         self.service = Service()
         self.p = self.serve(self.service, 'service')
 
+    def bounce(self, depth):
+        """Calls nested ``depth`` levels deep, client and server in turn; the depths the client saw."""
+        service = self.p
+        trail = []
+
+        class Bouncer:
+            def bounce(self, depth):
+                trail.append(depth)
+                if depth == 0:
+                    return 'bottom'
+                return service.bounce(dopy.ref(self), depth - 1)
+
+        self.assertEqual(self.p.bounce(dopy.ref(Bouncer()), depth), 'bottom')
+        return trail
+
     def remote(self, name, hub=None, server=None):
         if server is None and hub is None:
             return self.proxy(name)
@@ -90,18 +105,7 @@ class NestedPastThePool(TwoHubs):
     hub_settings = {'pool_size': 2}
 
     def test_callbacks_nested_deeper_than_the_pool_complete(self):
-        service = self.p
-        trail = []
-
-        class Bouncer:
-            def bounce(self, depth):
-                trail.append(depth)
-                if depth == 0:
-                    return 'bottom'
-                return service.bounce(dopy.ref(self), depth - 1)
-
-        self.assertEqual(self.p.bounce(dopy.ref(Bouncer()), 8), 'bottom')
-        self.assertEqual(trail, list(range(8, -1, -1)))
+        self.assertEqual(self.bounce(8), list(range(8, -1, -1)))
 
 
 @each_mode(transports=('tcp', 'pipe'))
@@ -123,18 +127,7 @@ class Callbacks(TwoHubs):
         self.assertEqual([r.calls for r in recorders], [[0], [1], [2]])
 
     def test_nested_callbacks_three_levels_deep(self):
-        service = self.p
-        trail = []
-
-        class Bouncer:
-            def bounce(self, depth):
-                trail.append(depth)
-                if depth == 0:
-                    return 'bottom'
-                return service.bounce(dopy.ref(self), depth - 1)
-
-        self.assertEqual(self.p.bounce(dopy.ref(Bouncer()), 3), 'bottom')
-        self.assertEqual(trail, [3, 2, 1, 0])
+        self.assertEqual(self.bounce(3), [3, 2, 1, 0])
 
     def test_a_ref_to_my_own_object_comes_back_as_the_object(self):
         recorder = Recorder()
