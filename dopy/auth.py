@@ -364,10 +364,12 @@ class ClientHandshake(_Handshake):
         raise self._fail(AuthenticationError(f'the server refused the connection: {message}'))
 
 
-def server_handshake(sock, authkey, refusal=None, deadline=None):
+def server_handshake(sock, authkey, refusal=None, deadline=None, greeted=None):
     """Run the server's side of the handshake on a connected socket.
 
     ``deadline`` is a ``time.monotonic()`` time, or None for no limit.
+    ``greeted``, when given, is the ``ServerHandshake`` whose greeting
+    (``initial()``) was already sent on ``sock``: it goes on from there.
     Returns once the peer may send frames; reads nothing past the
     handshake.  On failure, logs one line on ``dopy.auth`` and raises:
     ``AuthenticationError`` (a wrong key, or ``refusal`` was given),
@@ -375,9 +377,9 @@ def server_handshake(sock, authkey, refusal=None, deadline=None):
     another ``CommunicationError``.  The caller closes the socket.
     """
     peer = _peer_name(sock)
-    handshake = ServerHandshake(authkey, refusal)
+    handshake = greeted if greeted is not None else ServerHandshake(authkey, refusal)
     try:
-        _drive(sock, handshake, deadline, peer)
+        _drive(sock, handshake, deadline, peer, greeted=greeted is not None)
     except OSError as exc:
         # DOPY's CommunicationErrors are OSErrors too.  A client without
         # the key, or with a key meeting an OPEN server, just hangs up:
@@ -405,7 +407,7 @@ def client_handshake(sock, authkey, deadline=None, wait=None):
     _drive(sock, ClientHandshake(authkey), deadline, _peer_name(sock), wait)
 
 
-def _drive(sock, handshake, deadline, peer, wait=None):
+def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
     """Run ``handshake`` over ``sock`` until it is done, or raise why not."""
     what = f'handshake with {peer}'
     timeout = sock.gettimeout()
@@ -414,7 +416,8 @@ def _drive(sock, handshake, deadline, peer, wait=None):
     sock.settimeout(0.0)
     try:
         wait = wait or wait_for_socket
-        _send_all(sock, handshake.initial(), deadline, what, wait)
+        if not greeted:
+            _send_all(sock, handshake.initial(), deadline, what, wait)
         while not handshake.done and not handshake.failed:
             data = _recv(sock, handshake.wanted, deadline, what, wait)
             if not data:

@@ -246,7 +246,11 @@ class TCPServer:
             refusal = self._refusal(address[0])
             thread = None
             if self.hub.threaded:
-                thread = threading.Thread(target=self._serve, args=(peer, refusal),
+                greeted = self._greet_early(peer) if refusal is None else None
+                if greeted is False:
+                    sock.close()
+                    return
+                thread = threading.Thread(target=self._serve, args=(peer, refusal, greeted),
                                           name=f'dopy-conn-{peer.name}', daemon=True)
             self._workers[peer] = thread
         log.debug('accepted %s', peer.name)
@@ -254,6 +258,30 @@ class TCPServer:
             thread.start()
         else:
             self._handshake_in_loop(peer, refusal)
+
+    def _greet_early(self, peer):
+        """Send a plain connection's greeting from the accepting thread, so that the
+        client reads it while the connection's thread starts.
+
+        Returns the ``ServerHandshake`` it sent, None to leave the greeting to
+        that thread (TLS comes first, or the socket would block), or False if
+        the peer is gone.  Never blocks.
+        """
+        if self.ssl_context is not None:
+            return None
+        handshake = ServerHandshake(self.authkey)
+        greeting = handshake.initial()
+        try:
+            sent = peer.sock.send(greeting, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            log_failure(peer.name, exc)
+            return False
+        if sent != len(greeting):
+            log_failure(peer.name, 'the greeting did not fit in an empty socket buffer')
+            return False
+        return handshake
 
     def _refusal(self, ip):
         """Why a peer at ``ip`` is refused, or None (called with the lock held)."""
@@ -265,7 +293,7 @@ class TCPServer:
             return PROTECTED_MODE_REFUSAL
         return None
 
-    def _serve(self, peer, refusal):
+    def _serve(self, peer, refusal, greeted=None):
         deadline = time.monotonic() + self.handshake_timeout
         if self.ssl_context is not None:
             try:
@@ -278,7 +306,7 @@ class TCPServer:
                 self.forget(peer)
                 return
         try:
-            server_handshake(peer.sock, self.authkey, refusal, deadline)
+            server_handshake(peer.sock, self.authkey, refusal, deadline, greeted)
         except (DopyError, OSError):
             # dopy.auth has logged why, in one line.
             peer.sock.close()
