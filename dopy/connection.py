@@ -708,11 +708,12 @@ class Connection:
             self._imports.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
-        self._stream.shutdown()
+        if reading:
+            # Wakes the thread blocked reading this stream; it closes the
+            # stream once no thread can be using its descriptors.
+            self._stream.shutdown()
         if self._on_close is not None:
             self._on_close(self)
-        # A thread blocked in poll() on this stream returns now; the stream
-        # is closed only once no thread can be using its descriptors.
         if not reading:
             self._close_socket()
 
