@@ -113,8 +113,9 @@ class ShutdownFromInside(HubCase):
             self.proxy().stop()
 
 
-@each_mode(modes=MODES)
-class Reactors(Case):
+class OneHub(Case):
+    """A test with one hub (``self.hub``) in the mode ``each_mode`` gives it, shut down at the end."""
+
     thread_mode = dopy.THRD_CONN
     transport = 'tcp'
 
@@ -122,6 +123,12 @@ class Reactors(Case):
         super().setUp()
         self.hub = dopy.Hub(threadMode=self.thread_mode)
         self.addCleanup(self.hub.shutdown)
+
+
+@each_mode(modes=MODES)
+class Reactors(OneHub):
+    def setUp(self):
+        super().setUp()
         self.read_end, self.write_end = os.pipe()
         self.addCleanup(os.close, self.read_end)
         self.addCleanup(os.close, self.write_end)
@@ -207,14 +214,9 @@ class Reactors(Case):
 
 
 @each_mode(modes=MODES)
-class StdioTransport(Case):
-    thread_mode = dopy.THRD_CONN
-    transport = 'tcp'
-
+class StdioTransport(OneHub):
     def setUp(self):
         super().setUp()
-        self.hub = dopy.Hub(threadMode=self.thread_mode)
-        self.addCleanup(self.hub.shutdown)
         self.command = f'{sys.executable} {FIXTURE_STDIO} {self.thread_mode}'
 
     def remote(self):
