@@ -20,6 +20,7 @@ certificates lets peers from other hosts in without an authkey, since TLS
 has authenticated them.
 """
 
+import errno
 import logging
 import os
 import select
@@ -495,6 +496,33 @@ def _tls_handshake(sock, deadline, what, wait=wait_for_socket):
         wait(sock, events, deadline, what)
 
 
+def _connect_waiting(host, port, deadline, wait, what):
+    """A socket connected to ``host:port``, waiting with ``wait`` (as the handshakes do) rather than blocking.
+
+    Like ``socket.create_connection``, it tries each address in turn and
+    raises the last error.
+    """
+    error = OSError(f'no address found for {host}')
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if code in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+                wait(sock, select.POLLOUT, deadline, what)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            return sock
+        except DopyError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
 def _loop_wait(loop):
     """A ``wait`` for the handshakes that runs ``loop`` meanwhile: a THRD_NONE hub may be connecting to itself."""
     def wait(sock, events, deadline, what):
@@ -529,12 +557,15 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         if hub.closed:
             raise ConnectionClosedError('the hub of this proxy has been shut down')
         deadline = time.monotonic() + connect_timeout
+        wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            if hub.threaded:
+                sock = socket.create_connection((host, port), timeout=connect_timeout)
+            else:
+                sock = _connect_waiting(host, port, deadline, wait, f'connecting to {address}')
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
-        wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host,

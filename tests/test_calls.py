@@ -429,6 +429,47 @@ class ServerGoesAway(HubCase):
         self.assertIsInstance(errors[0], dopy.ConnectionLostError)
 
 
+class LoopConnect(HubCase):
+    thread_mode = dopy.THRD_NONE
+
+    def test_a_thrd_none_hub_serves_others_while_one_of_its_methods_connects(self):
+        hub = self.hub
+
+        class Dialer:
+            def dial(self, port):
+                try:
+                    dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=2.0, hub=hub)
+                except dopy.CommunicationError as exc:
+                    return type(exc).__name__
+                return 'connected'
+
+        self.serve(Service())
+        dialer = self.serve(Dialer(), 'dialer')
+        other = self.proxy()
+        # A listener whose backlog is full leaves connect() hanging.
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            s.listen(0)
+            fillers = []
+            try:
+                for _ in range(16):
+                    f = socket.socket()
+                    f.setblocking(False)
+                    f.connect_ex(s.getsockname())
+                    fillers.append(f)
+                dialling = dialer.dial.future(s.getsockname()[1])
+                self.assertEqual(other.echo('served meanwhile'), 'served meanwhile')
+                served_first = not dialling.done()
+                outcome = dialling.result(TIMEOUT)
+            finally:
+                for f in fillers:
+                    f.close()
+        if outcome == 'connected':
+            self.skipTest('this system accepted past a full backlog')
+        self.assertEqual(outcome, 'CallTimeoutError')
+        self.assertTrue(served_first, 'the other client waited for the connect')
+
+
 @each_mode()
 class OwnServer(HubCase):
     def test_a_method_can_call_the_server_of_its_own_hub(self):
