@@ -169,12 +169,25 @@ def spawn(args, **kwargs):
 
 
 def read_line(stream, timeout=TIMEOUT):
-    """The next line of a child's pipe, waiting at most ``timeout`` seconds for it."""
+    """The next line of a child's pipe ('' at its end), waiting at most ``timeout`` seconds for it.
+
+    It reads the descriptor a byte at a time: a file object's ``readline``
+    would buffer the lines after this one, where the next wait for the
+    descriptor could not see them.
+    """
+    deadline = time.monotonic() + timeout
     poller = select.poll()
     poller.register(stream, select.POLLIN)
-    if not poller.poll(timeout * 1000):
-        raise AssertionError(f'no line from the child within {timeout} s')
-    return stream.readline()
+    line = bytearray()
+    while not line.endswith(b'\n'):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise AssertionError(f'no line from the child within {timeout} s (got {bytes(line)!r})')
+        byte = os.read(stream.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode()
 
 
 def stop(proc, timeout=TIMEOUT):
