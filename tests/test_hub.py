@@ -130,6 +130,17 @@ class Shutdown(HubCase):
         # The server is closed: its port is free again.
         socket.create_server(('127.0.0.1', server.port)).close()
 
+    def test_stats_count_only_open_connections(self):
+        self.hub.addObject('e', Echo())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo(1), 1)
+        self.assertEqual(self.client_hub.stats()['connections'], 1)
+        self.client_hub.shutdown()
+        # The proxy still holds its closed connection: it is not counted.
+        self.assertEqual(self.client_hub.stats()['connections'], 0)
+
     def test_mainloop_of_a_shut_hub_returns_at_once(self):
         self.hub.shutdown()
         self.hub.mainloop()
