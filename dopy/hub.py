@@ -168,14 +168,20 @@ class Hub:
         return None
 
     def stats(self):
-        """Counts for watching a long-running hub: objects, servers, connections, references."""
+        """Counts for watching a long-running hub: objects, servers, connections, references.
+
+        ``connections`` counts the open ones: this hub's own, and every peer
+        its servers hold, those still in their handshake included.
+        """
         with self._lock:
             # Closed connections may linger, held by a proxy: they are not counted.
             connections = [c for c in self._connections if not c.closed]
+            held = len(connections)
             for server in self._servers:
                 connections.extend(server.connections())
+                held += server.peer_count()
             counts = {'objects': len(self._objects), 'servers': len(self._servers),
-                      'connections': len(connections)}
+                      'connections': held}
         counts['exported_references'] = sum(c.export_count() for c in connections)
         counts['imported_references'] = sum(c.import_count() for c in connections)
         return counts

@@ -184,6 +184,11 @@ class TCPServer:
             self._close_fds()
         log.info('stopped serving on %s', self.address)
 
+    def peer_count(self):
+        """How many peers this server holds: served, or still in their handshake."""
+        with self._lock:
+            return len(self._workers)
+
     def connections(self):
         """The connections this server is serving now."""
         with self._lock:
@@ -247,25 +252,18 @@ class TCPServer:
             refusal = self._refusal(address[0])
             thread = None
             if self.hub.threaded:
-                thread = threading.Thread(target=self._serve, args=(peer, refusal),
+                greeted = self._greet_early(peer) if refusal is None else None
+                if greeted is False:
+                    sock.close()
+                    return
+                thread = threading.Thread(target=self._serve, args=(peer, refusal, greeted),
                                           name=f'dopy-conn-{peer.name}', daemon=True)
             self._workers[peer] = thread
         log.debug('accepted %s', peer.name)
-        if thread is None:
+        if thread is not None:
+            thread.start()
+        else:
             self._handshake_in_loop(peer, refusal)
-            return
-        if refusal is None:
-            # Greeted (and, with no key, connected) from this thread: the
-            # client goes on while the connection's thread starts.
-            peer.greeted = self._greet_early(peer)
-            if peer.greeted is False:
-                peer.sock.close()
-                self.forget(peer)
-                return
-            if peer.greeted is not None and peer.greeted.done and not self._connect(peer):
-                self.forget(peer)
-                return
-        thread.start()
 
     def _greet_early(self, peer):
         """Send a plain connection's greeting from the accepting thread, so that the
@@ -301,13 +299,7 @@ class TCPServer:
             return PROTECTED_MODE_REFUSAL
         return None
 
-    def _serve(self, peer, refusal):
-        if peer.connection is None and not self._handshake(peer, refusal):
-            return
-        peer.connection.serve()
-
-    def _handshake(self, peer, refusal):
-        """Take a threaded peer through TLS and the handshake to a connection; False if it failed."""
+    def _serve(self, peer, refusal, greeted=None):
         deadline = time.monotonic() + self.handshake_timeout
         if self.ssl_context is not None:
             try:
@@ -318,15 +310,16 @@ class TCPServer:
                 log_failure(peer.name, exc)
                 peer.sock.close()
                 self.forget(peer)
-                return False
+                return
         try:
-            server_handshake(peer.sock, self.authkey, refusal, deadline, peer.greeted)
+            server_handshake(peer.sock, self.authkey, refusal, deadline, greeted)
         except (DopyError, OSError):
             # dopy.auth has logged why, in one line.
             peer.sock.close()
             self.forget(peer)
-            return False
-        return self._connect(peer)
+            return
+        if self._connect(peer):
+            peer.connection.serve()
 
     def _handshake_in_loop(self, peer, refusal):
         """THRD_NONE: the handshakes, driven by the loop, so that a slow peer stalls no one."""
@@ -424,14 +417,12 @@ class TCPServer:
 class _Peer:
     """An accepted socket: in its handshake, then a connection."""
 
-    __slots__ = ('sock', 'name', 'connection', 'greeted')
+    __slots__ = ('sock', 'name', 'connection')
 
     def __init__(self, sock, name):
         self.sock = sock
         self.name = name
         self.connection = None
-        # The ServerHandshake whose greeting the accepting thread sent, if it did.
-        self.greeted = None
 
     def close(self):
         if self.connection is not None:
