@@ -66,6 +66,25 @@ class Unpicklable:
         raise TypeError('this object refuses to be pickled')
 
 
+
+@contextlib.contextmanager
+def full_listener():
+    """The port of a listener whose backlog is full, so that connecting to it hangs."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        s.listen(0)
+        fillers = []
+        try:
+            for _ in range(16):
+                f = socket.socket()
+                fillers.append(f)
+                f.setblocking(False)
+                f.connect_ex(s.getsockname())
+            yield s.getsockname()[1]
+        finally:
+            for f in fillers:
+                f.close()
+
 @each_mode(transports=('tcp', 'pipe'))
 class BasicCalls(HubCase):
     def setUp(self):
@@ -369,29 +388,16 @@ class ServerGoesAway(HubCase):
         self.assertLess(time.monotonic() - start, TIMEOUT)
 
     def test_connect_timeout_is_bounded(self):
-        # A listener whose backlog is full leaves connect() hanging.
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            s.listen(0)
-            fillers = []
+        with full_listener() as port:
+            start = time.monotonic()
             try:
-                for _ in range(16):
-                    f = socket.socket()
-                    f.setblocking(False)
-                    f.connect_ex(s.getsockname())
-                    fillers.append(f)
-                start = time.monotonic()
-                try:
-                    dopy.tcp.remote('127.0.0.1', s.getsockname()[1], 'obj', timeout=0.5, hub=self.client_hub)
-                except dopy.CallTimeoutError:
-                    self.assertLess(time.monotonic() - start, TIMEOUT)
-                except dopy.CommunicationError:
-                    pass  # the system refused rather than queued: bounded all the same
-                else:
-                    self.skipTest('this system accepted past a full backlog')
-            finally:
-                for f in fillers:
-                    f.close()
+                dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=0.5, hub=self.client_hub)
+            except dopy.CallTimeoutError:
+                self.assertLess(time.monotonic() - start, TIMEOUT)
+            except dopy.CommunicationError:
+                pass  # the system refused rather than queued: bounded all the same
+            else:
+                self.skipTest('this system accepted past a full backlog')
 
     def test_server_closed_between_calls_then_back_reconnects(self):
         self.hub.addObject('obj', Service())
@@ -446,24 +452,11 @@ class LoopConnect(HubCase):
         self.serve(Service())
         dialer = self.serve(Dialer(), 'dialer')
         other = self.proxy()
-        # A listener whose backlog is full leaves connect() hanging.
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            s.listen(0)
-            fillers = []
-            try:
-                for _ in range(16):
-                    f = socket.socket()
-                    f.setblocking(False)
-                    f.connect_ex(s.getsockname())
-                    fillers.append(f)
-                dialling = dialer.dial.future(s.getsockname()[1])
-                self.assertEqual(other.echo('served meanwhile'), 'served meanwhile')
-                served_first = not dialling.done()
-                outcome = dialling.result(TIMEOUT)
-            finally:
-                for f in fillers:
-                    f.close()
+        with full_listener() as port:
+            dialling = dialer.dial.future(port)
+            self.assertEqual(other.echo('served meanwhile'), 'served meanwhile')
+            served_first = not dialling.done()
+            outcome = dialling.result(TIMEOUT)
         if outcome == 'connected':
             self.skipTest('this system accepted past a full backlog')
         self.assertEqual(outcome, 'CallTimeoutError')
