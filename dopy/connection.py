@@ -45,6 +45,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
+from threading import get_ident
 
 from . import dispatch, proxy, remote_exc, wire
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
@@ -58,6 +59,9 @@ log = logging.getLogger('dopy.connection')
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
+# The argument types ``wire.out_of_band`` may wrap: other arguments skip it.
+_MAYBE_OUT_OF_BAND = frozenset((bytes, bytearray, memoryview))
+_ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _serials = itertools.count(1)
 
 
@@ -174,22 +178,62 @@ class Connection:
         ``CommunicationError``.  The call is sent at most once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self._lock
+        lock.acquire()
+        if self._reader is not None or self._closed or not self._threaded:
+            lock.release()
+            return self._call_waiting(name, method, args, kwargs, deadline, timeout)
+        # No thread reads: this one takes the role, and reads its own reply.
+        # Every call's path when one thread at a time calls, kept short: no
+        # waiter to register, no other thread to wake.
+        self._reader = get_ident()
+        lock.release()
+        try:
+            request_id = self._send_call(wire.CALL, None, args, kwargs, deadline, name, method)
+            read_frame = self._read_frame
+            while True:
+                frame = read_frame(deadline)
+                if frame.request_id == request_id and frame.kind in _ANSWERS:
+                    break
+                self._handle(frame)
+        except CallTimeoutError:
+            raise self._timed_out(name, method, timeout) from None
+        finally:
+            with lock:
+                self._reader = None
+                if self._sleepers:
+                    self._cond.notify_all()
+            if self._closed:
+                self._close_socket()
+            if self._close_when_unused:
+                self._close_if_unused()
+        value, error = self._unpack(frame, name, method)
+        if error is not None:
+            raise error
+        return value
+
+    def _call_waiting(self, name, method, args, kwargs, deadline, timeout):
+        """The call, made while another thread reads (or the loop does): registered for the reader to answer."""
         waiter = _Waiter(name, method)
-        request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline)
+        request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
         try:
             self._wait_for(waiter, deadline)
         except CallTimeoutError:
             with self._lock:
                 self._waiters.pop(request_id, None)
             if not waiter.done:
-                raise CallTimeoutError(
-                    f'no reply to {name}.{method}() from {self.peer} within {timeout} s; '
-                    'the call was not re-sent, and it may or may not have run') from None
+                raise self._timed_out(name, method, timeout) from None
         finally:
-            self._close_if_unused()
+            if self._close_when_unused:
+                self._close_if_unused()
         if waiter.error is not None:
             raise waiter.error
         return waiter.value
+
+    def _timed_out(self, name, method, timeout):
+        return CallTimeoutError(
+            f'no reply to {name}.{method}() from {self.peer} within {timeout} s; '
+            'the call was not re-sent, and it may or may not have run')
 
     def call_async(self, name, method, args, kwargs, timeout=None):
         """Send the call and return a ``concurrent.futures.Future`` of its outcome.
@@ -201,7 +245,7 @@ class Connection:
         future = Future() if self._threaded else _LoopFuture(self.hub.loop)
         future.set_running_or_notify_cancel()
         self.start_reader()
-        self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline)
+        self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline, name, method)
         return future
 
     def call_oneway(self, name, method, args, kwargs, timeout=None):
@@ -209,26 +253,33 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._send_call(wire.ONEWAY, None, args, kwargs, deadline, name, method)
 
-    def _send_call(self, kind, waiter, args, kwargs, deadline, name=None, method=None):
-        if waiter is not None:
-            name, method = waiter.name, waiter.method
+    def _send_call(self, kind, waiter, args, kwargs, deadline, name, method):
         request_id = next(self._ids)
+        for arg in args:
+            if type(arg) in _MAYBE_OUT_OF_BAND:
+                args = tuple(map(wire.out_of_band, args))
+                break
+        if kwargs:
+            kwargs = {k: wire.out_of_band(v) for k, v in kwargs.items()}
+        state = proxy.wire_state
         # Pickled under the send lock: a RELEASE queued meanwhile must not
         # overtake a frame that already refers to the released object.
         with self._send_lock:
+            saved, state.connection = state.connection, self
             try:
-                data, buffers = self._dumps((name, method, tuple(map(wire.out_of_band, args)),
-                                             {k: wire.out_of_band(v) for k, v in kwargs.items()}))
+                segments = wire.message_segments(kind, request_id, (name, method, args, kwargs))
             except Exception as exc:
                 raise SerializationError(
                     f'the arguments of {name}.{method}() could not be pickled on the client: '
                     f'{type(exc).__name__}: {exc}') from exc
+            finally:
+                state.connection = saved
             if waiter is not None:
                 with self._lock:
                     if self._closed:
                         raise _fresh(self._error)
                     self._waiters[request_id] = waiter
-            self._send(wire.frame_segments(kind, request_id, data, buffers), deadline)
+            self._send(segments, deadline)
         return request_id
 
     def start_reader(self):
@@ -269,8 +320,14 @@ class Connection:
             # wakes it and closes the connection, so no peek is needed.
             return True
         try:
-            # A peek consumes nothing, so it is safe beside a reading thread.
-            if not self._stream.peek_closed():
+            # Nothing to read and no hang-up: alive, known from one poll (a
+            # poller of its own: threads may check at once), which is much
+            # cheaper than a peek that fails.  Otherwise a peek tells a
+            # hang-up from data; it consumes nothing, so it is safe beside
+            # a reading thread.
+            poller = select.poll()
+            poller.register(self._stream.read_fd, select.POLLIN)
+            if not poller.poll(0) or not self._stream.peek_closed():
                 return True
             self._lost(None)
         except OSError as exc:
@@ -301,9 +358,12 @@ class Connection:
         if self._closed:
             return
         try:
-            received = self._decoder.receive(self._stream.recv_into)
+            frame = self._decoder.receive(self._stream.recv_into)
         except BlockingIOError:
-            received = None  # read already by a nested turn of the loop
+            frame = None  # read already by a nested turn of the loop
+        except EOFError:
+            self._ended(self._lost(None))
+            return
         except ProtocolError as exc:
             self._refuse(exc)
             self._ended(exc)
@@ -312,28 +372,28 @@ class Connection:
             self._ended(self._lost(exc))
             return
         try:
-            if received == 0:
-                raise self._lost(None)
-            self._handle_ready()
+            self._handle_ready(frame)
             if self._stream.pending():
                 # Decrypted bytes the descriptor does not show: read them before the loop blocks.
                 self.hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
         except Exception as exc:
             self._ended(exc)
 
-    def _handle_ready(self):
-        """THRD_NONE: handle the frames decoded so far, one by one.
+    def _handle_ready(self, frame=None):
+        """THRD_NONE: handle ``frame``, then the other frames decoded so far, one by one.
 
         Before each, the rest are left to the loop's backlog, so that a call
         made while handling this frame (which runs the loop) handles them
         first, in order, and no frame waits for more bytes to arrive.
         """
         while not self._closed:
-            frame = self._decoder.next_frame()
             if frame is None:
-                return
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    return
             self.hub.loop.defer(self, self._handle_backlog)
             self._handle(frame)
+            frame = None
 
     def _handle_backlog(self):
         try:
@@ -467,11 +527,12 @@ class Connection:
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
 
-    def _dumps(self, obj):
+    def _encode(self, kind, request_id, obj):
+        """``wire.message_segments``, with the references in ``obj`` pickled for this connection."""
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            return wire.dumps(obj)
+            return wire.message_segments(kind, request_id, obj)
         finally:
             state.connection = saved
 
@@ -485,15 +546,19 @@ class Connection:
 
     def _unpack(self, frame, name, method):
         """A reply frame's ``(value, exception)``: the exception is built, not raised."""
-        what = 'result' if frame.kind == wire.REPLY else 'exception'
+        state = proxy.wire_state
+        saved, state.connection = state.connection, self
         try:
-            value = self._loads(frame.data, frame.buffers)
+            value = wire.loads(frame.data, frame.buffers)
         except Exception as exc:
+            what = 'result' if frame.kind == wire.REPLY else 'exception'
             error = SerializationError(
                 f'the {what} of {name}.{method}() could not be unpickled on the client: '
                 f'{type(exc).__name__}: {exc}')
             error.__cause__ = exc
             return None, error
+        finally:
+            state.connection = saved
         if frame.kind == wire.REPLY:
             return value, None
         try:
@@ -507,7 +572,7 @@ class Connection:
         if not self._threaded:
             self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
             return
-        me = threading.get_ident()
+        me = get_ident()
         with self._lock:
             while not waiter.done:
                 if self._reader is None:
@@ -521,33 +586,44 @@ class Connection:
             else:
                 return
         try:
+            read_frame, handle = self._read_frame, self._handle
             while not waiter.done:
-                self._handle(self._read_frame(deadline))
+                handle(read_frame(deadline))
         except CallTimeoutError:
             raise
         except CommunicationError:
             pass  # _shutdown has already failed every waiter, this one included
         finally:
             if not nested:
-                with self._lock:
-                    self._reader = None
-                    if self._sleepers:
-                        self._cond.notify_all()
-                if self._closed:
-                    self._close_socket()
+                self._give_up_reading()
+
+    def _give_up_reading(self):
+        """This thread stops reading: wake the waiting threads, one of which will read next."""
+        with self._lock:
+            self._reader = None
+            if self._sleepers:
+                self._cond.notify_all()
+        if self._closed:
+            self._close_socket()
 
     def _handle(self, frame):
         kind = frame.kind
         if kind == wire.CALL or kind == wire.ONEWAY:
+            if not self._pooled:
+                self._reply(frame, dispatch.run(self.lookup, frame, self._loads))
+                return
             call = dispatch.prepare(self.lookup, frame, self._loads)
-            if not self._pooled or not self.hub.submit(lambda: self._run(frame, call)):
+            if not self.hub.submit(lambda: self._run(frame, call)):
                 # Every pool thread is busy, perhaps each waiting for a nested
                 # call that needs this one: the reader runs it, as in THRD_CONN.
                 self._run(frame, call)
-            return
-        if kind == wire.RELEASE:
+        elif kind == wire.REPLY or kind == wire.ERROR:
+            self._answer(frame)
+        else:
             self._release_exports(frame)
-            return
+
+    def _answer(self, frame):
+        """A REPLY or ERROR frame: the outcome of the call it answers, handed to whoever waits for it."""
         with self._lock:
             waiter = self._waiters.pop(frame.request_id, None)
         if waiter is None:
@@ -574,12 +650,15 @@ class Connection:
         # Let go of the arguments now, so that the references among them are
         # released behind this reply rather than behind a later frame.
         call.args = call.kwargs = None
+        self._reply(frame, outcome)
+
+    def _reply(self, frame, outcome):
         if frame.kind == wire.ONEWAY:
             dispatch.log_oneway(frame.request_id, outcome)
             return
         try:
             with self._send_lock:
-                self._send(dispatch.reply_segments(frame.request_id, outcome, self._dumps), None)
+                self._send(dispatch.reply_segments(frame.request_id, outcome, self._encode), None)
         except CommunicationError as exc:
             if self._pooled:
                 # No reader to tell: the connection is shut, and the reader logs why.
@@ -602,34 +681,42 @@ class Connection:
                 if not self._stream.pending():
                     self._wait(self._read_poll, deadline)
             try:
-                received = decoder.receive(receive)
+                frame = decoder.receive(receive)
             except BlockingIOError:
                 continue
+            except EOFError:
+                raise self._lost(None) from None
             except ProtocolError as exc:
                 self._refuse(exc)
                 raise
             except OSError as exc:
                 raise self._lost(exc)
-            if not received:
-                raise self._lost(None)
+            if frame is not None:
+                return frame
 
     def _send(self, segments, deadline):
-        with self._send_lock:
-            if self._closed:
-                raise _fresh(self._error)
-            try:
-                if len(segments) == 1:
-                    self._send_all(segments[0], deadline)
-                else:
-                    self._send_segments(segments, deadline)
-                if self._released:
-                    self._send_all(self._release_frame(), deadline)
-            except CallTimeoutError:
-                self._shutdown(ConnectionLostError(
-                    f'connection with {self.peer} closed: a send timed out part-way through a frame'))
-                raise
-            except OSError as exc:
-                raise self._lost(exc)
+        """Send a frame's segments, and any RELEASE due; the caller holds the send lock."""
+        if self._closed:
+            raise _fresh(self._error)
+        try:
+            if len(segments) == 1:
+                data = segments[0]
+                try:
+                    sent = self._stream.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(data):
+                    self._send_rest(data, sent, deadline)
+            else:
+                self._send_segments(segments, deadline)
+            if self._released:
+                self._send_all(self._release_frame(), deadline)
+        except CallTimeoutError:
+            self._shutdown(ConnectionLostError(
+                f'connection with {self.peer} closed: a send timed out part-way through a frame'))
+            raise
+        except OSError as exc:
+            raise self._lost(exc)
 
     def _send_all(self, data, deadline):
         try:

@@ -5,20 +5,22 @@ name must be an identifier that does not start with ``_`` (so no dunders
 and no dotted paths), and it must name something callable: data attributes
 and properties are refused without being read.
 
-Nothing a caller does makes ``prepare``, a ``Call`` or ``reply_segments`` raise: a missing
-object, a refused name, arguments that do not unpickle, an exception in the
-method, a result that does not pickle, each becomes an ERROR reply.  The
-two are apart so that the connection can pickle and send a reply in one
-step, without holding its send lock while the method runs.
+Nothing a caller does makes ``prepare``, a ``Call``, ``run`` or
+``reply_segments`` raise: a missing object, a refused name, arguments that
+do not unpickle, an exception in the method, a result that does not
+pickle, each becomes an ERROR reply.  Running and replying are apart so
+that the connection can pickle and send a reply in one step, without
+holding its send lock while the method runs.
 """
 
 import logging
+from collections import namedtuple
 
 from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
 __all__ = ['CONTAINER_METHODS', 'Call', 'Outcome', 'check_method_name', 'resolve', 'prepare',
-           'reply_segments', 'log_oneway', 'error_reply']
+           'run', 'reply_segments', 'log_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
 _MISSING = object()
@@ -43,7 +45,8 @@ def resolve(obj, name, exposed=None):
 
     ``exposed``, when not None, is the set of the only names that may be called.
     """
-    check_method_name(name)
+    if not (isinstance(name, str) and name.isidentifier() and not name.startswith('_')):
+        check_method_name(name)
     if exposed is not None and name not in exposed:
         raise NoSuchMethodError(f'{name!r} is not among the methods this object exposes')
     if name in CONTAINER_METHODS:
@@ -68,16 +71,15 @@ def _container_method(obj, name):
     return getattr(obj, name)
 
 
-class Outcome:
+class Outcome(namedtuple('Outcome', ('label', 'ok', 'value', 'tb'), defaults=(None,))):
     """What running one call came to: a result, or an exception with the frames worth showing."""
 
-    __slots__ = ('label', 'ok', 'value', 'tb')
+    __slots__ = ()
 
-    def __init__(self, label, ok, value, tb=None):
-        self.label = label
-        self.ok = ok
-        self.value = value
-        self.tb = tb
+
+# Outcomes are made by the tuple's own constructor: no Python frame of
+# ``Outcome.__new__`` on each call's path.
+_new = tuple.__new__
 
 
 class Call:
@@ -95,12 +97,8 @@ class Call:
     def __call__(self):
         """Run it: the ``Outcome``."""
         if self.error is not None:
-            return Outcome(None, False, self.error)
-        try:
-            return Outcome(self.label, True, self.method(*self.args, **self.kwargs))
-        except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
-            log.debug('%s raised %r', self.label, exc)
-            return Outcome(self.label, False, exc, exc.__traceback__.tb_next)
+            return _new(Outcome, (None, False, self.error, None))
+        return _invoke(self.label, self.method, self.args, self.kwargs)
 
 
 def prepare(lookup, frame, loads=wire.loads):
@@ -113,26 +111,48 @@ def prepare(lookup, frame, loads=wire.loads):
     order it came, and run the call on another thread.
     """
     try:
-        name, method_name, args, kwargs = _load_call(frame, loads)
-        obj, exposed = lookup(name)
-        return Call(f'{name}.{method_name}', resolve(obj, method_name, exposed), args, kwargs)
+        return Call(*_find(lookup, frame, loads))
     except Exception as exc:
         log.debug('refused call %d: %s', frame.request_id, exc)
         return Call(None, None, None, None, exc)
 
 
-def reply_segments(request_id, outcome, dumps=wire.dumps):
-    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR."""
-    if not outcome.ok:
-        return error_reply(request_id, outcome.value, outcome.tb, dumps)
+def run(lookup, frame, loads=wire.loads):
+    """``prepare(lookup, frame, loads)()`` in one step, for a call run in the thread that read it: the ``Outcome``.
+
+    The arguments are let go of before it returns, so that references
+    among them are released before the reply is sent.
+    """
     try:
-        data, buffers = dumps(wire.out_of_band(outcome.value))
+        label, method, args, kwargs = _find(lookup, frame, loads)
+    except Exception as exc:
+        log.debug('refused call %d: %s', frame.request_id, exc)
+        return _new(Outcome, (None, False, exc, None))
+    return _invoke(label, method, args, kwargs)
+
+
+def _invoke(label, method, args, kwargs):
+    try:
+        return _new(Outcome, (label, True, method(*args, **kwargs), None))
+    except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
+        log.debug('%s raised %r', label, exc)
+        return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
+
+
+def reply_segments(request_id, outcome, encode=wire.message_segments):
+    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR.
+
+    ``encode`` is the connection's ``wire.message_segments``.
+    """
+    if not outcome.ok:
+        return error_reply(request_id, outcome.value, outcome.tb, encode)
+    try:
+        return encode(wire.REPLY, request_id, wire.out_of_band(outcome.value))
     except Exception as exc:
         error = SerializationError(
             f'the result of {outcome.label}() could not be pickled on the server: '
             f'{type(exc).__name__}: {exc}')
-        return error_reply(request_id, error, None, dumps)
-    return wire.frame_segments(wire.REPLY, request_id, data, buffers)
+        return error_reply(request_id, error, None, encode)
 
 
 def log_oneway(request_id, outcome):
@@ -142,13 +162,13 @@ def log_oneway(request_id, outcome):
                     remote_exc.pack(outcome.value, outcome.tb)[4].rstrip())
 
 
-def error_reply(request_id, exc, tb, dumps=wire.dumps):
+def error_reply(request_id, exc, tb, encode=wire.message_segments):
     """The segments of an ERROR frame carrying ``exc`` and the frames of ``tb``."""
-    data, buffers = dumps(remote_exc.pack(exc, tb))
-    return wire.frame_segments(wire.ERROR, request_id, data, buffers)
+    return encode(wire.ERROR, request_id, remote_exc.pack(exc, tb))
 
 
-def _load_call(frame, loads):
+def _find(lookup, frame, loads):
+    """``(label, method, args, kwargs)`` for the call in ``frame``, or the exception that refuses it."""
     try:
         message = loads(frame.data, frame.buffers)
     except Exception as exc:
@@ -159,4 +179,5 @@ def _load_call(frame, loads):
     name, method_name, args, kwargs = message
     if not isinstance(name, str) or not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise ProtocolError('a CALL frame must hold (str, str, tuple, dict)')
-    return name, method_name, args, kwargs
+    obj, exposed = lookup(name)
+    return f'{name}.{method_name}', resolve(obj, method_name, exposed), args, kwargs

@@ -223,8 +223,11 @@ class RemoteObject:
         link = self._dopy_link
         connection = link.get()
         try:
-            return getattr(connection, _CALLS[how])(
-                self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            if how == 'call':
+                return connection.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            if how == 'future':
+                return connection.call_async(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            return connection.call_oneway(self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CallTimeoutError:
             # A new connection for the next call, where there is an address to
             # open one: a server still busy with this call must not hold that
@@ -236,9 +239,6 @@ class RemoteObject:
             if connection.closed:
                 link.drop(connection)
             raise
-
-
-_CALLS = {'call': 'call', 'future': 'call_async', 'oneway': 'call_oneway'}
 
 
 class _Method:

@@ -37,20 +37,25 @@ Decoding a frame does not unpickle it: ``Frame`` holds raw bytes, and
 
 import pickle
 import struct
-from collections import deque
+from collections import deque, namedtuple
 
 from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
     'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band',
-    'frame_segments', 'encode',
+    'frame_segments', 'message_segments', 'encode',
 ]
 
 MAGIC = b'DOPY'
 VERSION = 1
 HEADER = struct.Struct('!4sBBHQQ')
+# The header as the decoder reads it: magic and version together, as one
+# field to compare, then kind, buffer count, request id and length.
+_PARSED_HEADER = struct.Struct('!5sBHQQ')
 _LENGTH = struct.Struct('!Q')
+_HEADER_SIZE = HEADER.size
+_LENGTH_SIZE = _LENGTH.size
 
 CALL = 1
 REPLY = 2
@@ -58,6 +63,7 @@ ERROR = 3
 ONEWAY = 4
 RELEASE = 5
 KINDS = frozenset((CALL, REPLY, ERROR, ONEWAY, RELEASE))
+_PREFIX = MAGIC + bytes((VERSION,))
 
 # Large enough for big payloads, small enough that one peer cannot make a
 # server allocate a gigabyte per connection; Hub(max_message_size=) changes it.
@@ -78,20 +84,19 @@ _STAGING_START = 16 * 1024
 _STAGING_MAX = 256 * 1024
 
 
-class Frame:
+class Frame(namedtuple('Frame', ('kind', 'request_id', 'data', 'buffers'), defaults=((),))):
     """One decoded frame: its kind, request id, pickle bytes and buffers."""
 
-    __slots__ = ('kind', 'request_id', 'data', 'buffers')
-
-    def __init__(self, kind, request_id, data, buffers=()):
-        self.kind = kind
-        self.request_id = request_id
-        self.data = data
-        self.buffers = buffers
+    __slots__ = ()
 
     def __repr__(self):
         return (f'Frame(kind={self.kind}, request_id={self.request_id}, '
                 f'{len(self.data)} bytes, {len(self.buffers)} buffers)')
+
+
+# Every frame is made by this: a tuple's own constructor, with no Python
+# frame of ``Frame.__new__`` on each message's path.
+_new_frame = tuple.__new__
 
 
 class _OutOfBand:
@@ -129,22 +134,25 @@ def out_of_band(value):
     return value
 
 
+class _Buffers(list):
+    """The out-of-band buffers of one pickling: those large enough to be worth a segment of their own."""
+
+    def keep_large(self, buf):
+        """A pickler's ``buffer_callback``: true keeps ``buf`` inside the pickle."""
+        if buf.raw().nbytes < OUT_OF_BAND_THRESHOLD:
+            return True
+        self.append(buf)
+        return False
+
+
 def dumps(obj):
     """Pickle ``obj`` for the wire: returns ``(pickle_bytes, buffers)``.
 
     Raises whatever pickling raises; the caller says which side failed.
     Wrap large values with ``out_of_band`` first to keep them out of the pickle.
     """
-    buffers = []
-
-    def keep_large(buf):
-        if buf.raw().nbytes < OUT_OF_BAND_THRESHOLD:
-            return True
-        buffers.append(buf)
-        return False
-
-    data = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
-    return data, buffers
+    buffers = _Buffers()
+    return pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large), buffers
 
 
 def loads(data, buffers=()):
@@ -174,10 +182,22 @@ def frame_segments(kind, request_id, data, buffers=()):
     return [head + table + data, *raws]
 
 
+def message_segments(kind, request_id, obj):
+    """Pickle ``obj`` and frame it: the segments, as ``frame_segments`` gives them.
+
+    Raises whatever pickling raises.  Every message's path: a small
+    message is pickled and framed here in one step.
+    """
+    buffers = _Buffers()
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large)
+    if buffers or kind not in KINDS or not 0 <= request_id <= _MAX_REQUEST_ID:
+        return frame_segments(kind, request_id, data, buffers)
+    return [HEADER.pack(MAGIC, VERSION, kind, 0, request_id, len(data)) + data]
+
+
 def encode(kind, request_id, obj):
     """Pickle ``obj`` and frame it: the whole frame as one ``bytes``."""
-    data, buffers = dumps(obj)
-    return b''.join(frame_segments(kind, request_id, data, buffers))
+    return b''.join(message_segments(kind, request_id, obj))
 
 
 class Decoder:
@@ -200,8 +220,7 @@ class Decoder:
         if max_size < 0:
             raise ValueError('max_size must not be negative')
         self.max_size = max_size
-        self._staging = bytearray(_STAGING_START)
-        self._view = memoryview(self._staging)
+        self._set_staging(bytearray(_STAGING_START))
         self._start = 0
         self._end = 0
         self._large = None
@@ -219,7 +238,7 @@ class Decoder:
         if self._large is not None:
             payload, filled, _ = self._large
             return memoryview(payload)[filled:]
-        if self._end == len(self._staging):
+        if self._end == self._size:
             self._compact()
         return self._view[self._end:]
 
@@ -238,21 +257,26 @@ class Decoder:
         self._parse()
 
     def receive(self, recv):
-        """``recv(buffer)`` (a ``recv_into``) straight into the decoder; returns what it returned.
+        """Call ``recv(buffer)`` (a ``recv_into``) once, straight into the decoder: every read's path.
 
-        The same as ``advance(recv(get_buffer()))`` for a count above zero,
-        in one step: this is every read's path.
+        Returns the next whole frame, or None if there is none yet (the
+        same as ``advance(recv(get_buffer()))``, then ``next_frame()``).
+        Raises ``EOFError`` if ``recv`` returned 0: the stream has ended.
         """
-        if self._large is None and self._end < len(self._staging):
-            received = recv(self._view[self._end:])
-            if received:
-                self._end += received
-                self._parse()
-            return received
-        received = recv(self.get_buffer())
-        if received:
+        end = self._end
+        if self._large is None and end < self._size:
+            received = recv(self._view[end:])
+            if not received:
+                raise EOFError('end of stream')
+            self._end = end + received
+            self._parse()
+        else:
+            received = recv(self.get_buffer())
+            if not received:
+                raise EOFError('end of stream')
             self.advance(received)
-        return received
+        ready = self._ready
+        return ready.popleft() if ready else None
 
     def feed(self, data):
         """Copy ``data`` in; frames it completes become ready."""
@@ -275,8 +299,11 @@ class Decoder:
         staging = bytearray(min(size, _STAGING_MAX))
         remaining = self._end - self._start
         staging[:remaining] = self._view[self._start:self._end]
-        self._staging, self._view = staging, memoryview(staging)
+        self._set_staging(staging)
         self._start, self._end = 0, remaining
+
+    def _set_staging(self, staging):
+        self._staging, self._view, self._size = staging, memoryview(staging), len(staging)
 
     def _compact(self):
         remaining = self._end - self._start
@@ -284,38 +311,47 @@ class Decoder:
         self._start, self._end = 0, remaining
 
     def _parse(self):
-        view = self._view
-        while self._end - self._start >= HEADER.size:
-            magic, version, kind, nbuf, request_id, length = HEADER.unpack_from(view, self._start)
-            if (magic != MAGIC or version != VERSION or kind not in KINDS
-                    or length > self.max_size or length < nbuf * _LENGTH.size):
-                _check_header(view, self._start, self.max_size)
-            header = kind, nbuf, request_id, length
+        # Every frame's path: kept to the fewest steps, with the checks of a
+        # valid header folded into one test.
+        view, start, end, ready = self._view, self._start, self._end, self._ready
+        while end - start >= _HEADER_SIZE:
+            prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(view, start)
+            if (prefix != _PREFIX or kind not in KINDS or length > self.max_size
+                    or length < nbuf * _LENGTH_SIZE):
+                _check_header(view, start, self.max_size)
+            body = start + _HEADER_SIZE
+            stop = body + length
+            if stop > end:
+                self._start = start
+                self._await_body(kind, nbuf, request_id, length)
+                return
+            if nbuf:
+                ready.append(_make_frame((kind, nbuf, request_id, length), bytes(view[body:stop])))
+            else:
+                ready.append(_new_frame(Frame, (kind, request_id, bytes(view[body:stop]), ())))
+            start = stop
+        if start == end:
+            self._start = self._end = 0
+            return
+        self._start = start
+        # Fail at once on a stray protocol rather than wait for 24 bytes.
+        seen = min(end - start, len(MAGIC))
+        if view[start:start + seen] != MAGIC[:seen]:
+            raise ProtocolError(f'bad magic {bytes(view[start:start + seen])!r}: '
+                                'the peer does not speak DOPY')
+
+    def _await_body(self, kind, nbuf, request_id, length):
+        """The frame at ``_start`` is not all here: make room for the rest of it."""
+        needed = HEADER.size + length
+        if needed > _STAGING_MAX:
             body_start = self._start + HEADER.size
             available = self._end - body_start
-            if available >= length:
-                payload = bytes(view[body_start:body_start + length])
-                self._start = body_start + length
-                self._ready.append(Frame(kind, request_id, payload) if not nbuf
-                                   else _make_frame(header, payload))
-                continue
-            needed = HEADER.size + length
-            if needed > _STAGING_MAX:
-                payload = bytearray(length)
-                payload[:available] = view[body_start:self._end]
-                self._start = self._end = 0
-                self._large = (payload, available, header)
-            elif needed > len(self._staging):
-                self._grow(needed)
-            return
-        if self._start == self._end:
+            payload = bytearray(length)
+            payload[:available] = self._view[body_start:self._end]
             self._start = self._end = 0
-        else:
-            # Fail at once on a stray protocol rather than wait for 24 bytes.
-            seen = min(self._end - self._start, len(MAGIC))
-            if view[self._start:self._start + seen] != MAGIC[:seen]:
-                raise ProtocolError(f'bad magic {bytes(view[self._start:self._start + seen])!r}: '
-                                    'the peer does not speak DOPY')
+            self._large = (payload, available, (kind, nbuf, request_id, length))
+        elif needed > self._size:
+            self._grow(needed)
 
 
 def _check_header(view, start, max_size):
