@@ -59,8 +59,6 @@ log = logging.getLogger('dopy.connection')
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
-# The argument types ``wire.out_of_band`` may wrap: other arguments skip it.
-_MAYBE_OUT_OF_BAND = frozenset((bytes, bytearray, memoryview))
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _serials = itertools.count(1)
 
@@ -205,7 +203,7 @@ class Connection:
                     self._cond.notify_all()
             if self._closed:
                 self._close_socket()
-            if self._close_when_unused:
+            if self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
         value, error = self._unpack(frame, name, method)
         if error is not None:
@@ -256,7 +254,7 @@ class Connection:
     def _send_call(self, kind, waiter, args, kwargs, deadline, name, method):
         request_id = next(self._ids)
         for arg in args:
-            if type(arg) in _MAYBE_OUT_OF_BAND:
+            if type(arg) in wire.OUT_OF_BAND_TYPES:
                 args = tuple(map(wire.out_of_band, args))
                 break
         if kwargs:

@@ -146,8 +146,11 @@ def reply_segments(request_id, outcome, encode=wire.message_segments):
     """
     if not outcome.ok:
         return error_reply(request_id, outcome.value, outcome.tb, encode)
+    value = outcome.value
+    if type(value) in wire.OUT_OF_BAND_TYPES:
+        value = wire.out_of_band(value)
     try:
-        return encode(wire.REPLY, request_id, wire.out_of_band(outcome.value))
+        return encode(wire.REPLY, request_id, value)
     except Exception as exc:
         error = SerializationError(
             f'the result of {outcome.label}() could not be pickled on the server: '

@@ -116,6 +116,17 @@ class _Link:
             self.connection = connection
             return connection
 
+    def failed(self, connection, error):
+        """A call over ``connection`` raised ``error``: see that the next call opens a new connection if it must."""
+        if isinstance(error, CallTimeoutError):
+            # A new connection for the next call, where there is an address to
+            # open one: a server still busy with this call must not hold that
+            # one up.  A late reply on the old one is discarded by its id.
+            if self.connect is not None:
+                self.drop(connection)
+        elif connection.closed:
+            self.drop(connection)
+
     def use(self, connection):
         with self.lock:
             old, self.connection = self.connection, connection
@@ -228,16 +239,8 @@ class RemoteObject:
             if how == 'future':
                 return connection.call_async(self._dopy_name, method, args, kwargs, self._dopy_timeout)
             return connection.call_oneway(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-        except CallTimeoutError:
-            # A new connection for the next call, where there is an address to
-            # open one: a server still busy with this call must not hold that
-            # one up.  A late reply on the old one is discarded by its id.
-            if link.connect is not None:
-                link.drop(connection)
-            raise
-        except CommunicationError:
-            if connection.closed:
-                link.drop(connection)
+        except CommunicationError as exc:
+            link.failed(connection, exc)
             raise
 
 
@@ -256,7 +259,15 @@ class _Method:
         self._name = name
 
     def __call__(self, /, *args, **kwargs):
-        return self._proxy._dopy_call(self._name, args, kwargs)
+        # RemoteObject._dopy_call's work for a plain call, in one step: every call's path.
+        proxy = self._proxy
+        link = proxy._dopy_link
+        connection = link.get()
+        try:
+            return connection.call(proxy._dopy_name, self._name, args, kwargs, proxy._dopy_timeout)
+        except CommunicationError as exc:
+            link.failed(connection, exc)
+            raise
 
     def future(self, /, *args, **kwargs):
         """Start the call and return a ``concurrent.futures.Future`` of its result."""

@@ -43,7 +43,7 @@ from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
-    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band',
+    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band', 'OUT_OF_BAND_TYPES',
     'frame_segments', 'message_segments', 'encode',
 ]
 
@@ -124,6 +124,10 @@ class _OutOfBand:
 def _rebuild_view(buffer, format, shape):
     view = memoryview(buffer)
     return view if format == 'B' and len(shape) == 1 else view.cast('B').cast(format, shape)
+
+
+# The only types ``out_of_band`` wraps: a caller may skip it for any other.
+OUT_OF_BAND_TYPES = frozenset((bytes, bytearray, memoryview))
 
 
 def out_of_band(value):
