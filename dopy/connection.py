@@ -192,6 +192,9 @@ class Connection:
             while True:
                 frame = read_frame(deadline)
                 if frame.request_id == request_id and frame.kind in _ANSWERS:
+                    # Unpickled while this thread still reads: the frame
+                    # may be a view of the decoder's buffer.
+                    value, error = self._unpack(frame, name, method)
                     break
                 self._handle(frame)
         except CallTimeoutError:
@@ -205,7 +208,6 @@ class Connection:
                 self._close_socket()
             if self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
-        value, error = self._unpack(frame, name, method)
         if error is not None:
             raise error
         return value

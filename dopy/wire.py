@@ -266,21 +266,35 @@ class Decoder:
         Returns the next whole frame, or None if there is none yet (the
         same as ``advance(recv(get_buffer()))``, then ``next_frame()``).
         Raises ``EOFError`` if ``recv`` returned 0: the stream has ended.
+
+        The frame returned may hold a view of the decoder's own buffer
+        rather than a copy: it is good until the next call into the
+        decoder, so unpickle it first.
         """
         end = self._end
-        if self._large is None and end < self._size:
-            received = recv(self._view[end:])
-            if not received:
-                raise EOFError('end of stream')
-            self._end = end + received
-            self._parse()
-        else:
+        if self._large is not None or end == self._size:
             received = recv(self.get_buffer())
             if not received:
                 raise EOFError('end of stream')
             self.advance(received)
-        ready = self._ready
-        return ready.popleft() if ready else None
+            return self.next_frame()
+        view = self._view
+        received = recv(view[end:])
+        if not received:
+            raise EOFError('end of stream')
+        end += received
+        self._end = end
+        start = self._start
+        if end - start > _HEADER_SIZE and not self._ready:
+            prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(view, start)
+            body = start + _HEADER_SIZE
+            if (body + length == end and not nbuf and prefix == _PREFIX and kind in KINDS
+                    and length <= self.max_size):
+                # One whole frame and nothing more, the usual case: no copy.
+                self._start = self._end = 0
+                return _new_frame(Frame, (kind, request_id, view[body:end], ()))
+        self._parse()
+        return self.next_frame()
 
     def feed(self, data):
         """Copy ``data`` in; frames it completes become ready."""
