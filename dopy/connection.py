@@ -38,6 +38,7 @@ This is the only module that translates ``OSError`` into DOPY's errors.
 import itertools
 import logging
 import math
+import pickle
 import select
 import socket
 import threading
@@ -527,20 +528,11 @@ class Connection:
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
 
-    def _encode(self, kind, request_id, obj):
-        """``wire.message_segments``, with the references in ``obj`` pickled for this connection."""
-        state = proxy.wire_state
-        saved, state.connection = state.connection, self
-        try:
-            return wire.message_segments(kind, request_id, obj)
-        finally:
-            state.connection = saved
-
     def _loads(self, data, buffers):
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            return wire.loads(data, buffers)
+            return pickle.loads(data, buffers=buffers)
         finally:
             state.connection = saved
 
@@ -549,7 +541,7 @@ class Connection:
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            value = wire.loads(frame.data, frame.buffers)
+            value = pickle.loads(frame.data, buffers=frame.buffers)
         except Exception as exc:
             what = 'result' if frame.kind == wire.REPLY else 'exception'
             error = SerializationError(
@@ -657,8 +649,14 @@ class Connection:
             dispatch.log_oneway(frame.request_id, outcome)
             return
         try:
+            state = proxy.wire_state
             with self._send_lock:
-                self._send(dispatch.reply_segments(frame.request_id, outcome, self._encode), None)
+                saved, state.connection = state.connection, self
+                try:
+                    segments = dispatch.reply_segments(frame.request_id, outcome)
+                finally:
+                    state.connection = saved
+                self._send(segments, None)
         except CommunicationError as exc:
             if self._pooled:
                 # No reader to tell: the connection is shut, and the reader logs why.
