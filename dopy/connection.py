@@ -245,7 +245,8 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         future = Future() if self._threaded else _LoopFuture(self.hub.loop)
         future.set_running_or_notify_cancel()
-        self.start_reader()
+        if self._reader_thread is None:
+            self.start_reader()
         self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline, name, method)
         return future
 
@@ -626,7 +627,8 @@ class Connection:
         if waiter.future is not None:
             # Closed first, if its proxies have gone: whoever holds the
             # future may check the connection as soon as it resolves.
-            self._close_if_unused()
+            if self._close_when_unused and self._users <= 0:
+                self._close_if_unused()
             if error is None:
                 waiter.future.set_result(value)
             else:

@@ -169,6 +169,62 @@ class Decoding(unittest.TestCase):
         self.assertEqual(bytes(wire.loads(frame.data, frame.buffers)), bytes(payload))
 
 
+class Receiving(unittest.TestCase):
+    """``receive``: one ``recv_into`` straight into the decoder, and the next frame out."""
+
+    @staticmethod
+    def chunks(*pieces):
+        """A ``recv_into`` that delivers ``pieces`` one per call, then the end of the stream."""
+        pieces = list(pieces)
+
+        def recv_into(buffer):
+            if not pieces:
+                return 0
+            piece = pieces.pop(0)
+            buffer[:len(piece)] = piece
+            return len(piece)
+        return recv_into
+
+    def test_every_frame_comes_out_in_order_whatever_the_chunks(self):
+        stream = b''.join(wire.encode(*m) for m in MESSAGES * 3)
+        recv = self.chunks(stream[:30], stream[30:31], stream[31:200], stream[200:])
+        decoder = wire.Decoder()
+        got = []
+        with self.assertRaises(EOFError):
+            while True:
+                frame = decoder.receive(recv)
+                while frame is not None:
+                    got.append(decoded(frame))
+                    frame = decoder.next_frame()
+        self.assertEqual(got, MESSAGES * 3)
+
+    def test_a_lone_frame_is_given_as_a_view_good_until_the_next_receive(self):
+        first, second = wire.encode(wire.REPLY, 1, 'first'), wire.encode(wire.REPLY, 2, 'second')
+        decoder = wire.Decoder()
+        recv = self.chunks(first, second)
+        frame = decoder.receive(recv)
+        self.assertIsInstance(frame.data, memoryview)
+        self.assertEqual(decoded(frame), (wire.REPLY, 1, 'first'))
+        self.assertEqual(decoded(decoder.receive(recv)), (wire.REPLY, 2, 'second'))
+
+    def test_frames_waiting_behind_the_first_are_copies_that_outlive_later_receives(self):
+        two = wire.encode(wire.REPLY, 1, 'one') + wire.encode(wire.REPLY, 2, 'two')
+        decoder = wire.Decoder()
+        recv = self.chunks(two, wire.encode(wire.REPLY, 3, 'three'))
+        self.assertEqual(decoded(decoder.receive(recv)), (wire.REPLY, 1, 'one'))
+        waiting = decoder.next_frame()
+        self.assertEqual(decoded(decoder.receive(recv)), (wire.REPLY, 3, 'three'))
+        self.assertEqual(decoded(waiting), (wire.REPLY, 2, 'two'))
+
+    def test_end_of_stream_is_an_eof_error(self):
+        with self.assertRaises(EOFError):
+            wire.Decoder().receive(self.chunks())
+
+    def test_a_bad_header_is_refused_on_receipt(self):
+        with self.assertRaises(ProtocolError):
+            wire.Decoder().receive(self.chunks(b'HTTP/1.1 200 OK\r\n' + bytes(30)))
+
+
 class Refusals(unittest.TestCase):
     def header(self, magic=b'DOPY', version=wire.VERSION, kind=wire.CALL, nbuf=0, rid=1, length=0):
         return wire.HEADER.pack(magic, version, kind, nbuf, rid, length)
