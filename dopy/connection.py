@@ -7,8 +7,10 @@ A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
 arrives meanwhile.  When its own reply is in, it gives the role up to one of
-the others.  A call made while serving a call on the same connection reads
-in the same thread, so nested calls do not deadlock.
+the others.  A thread that finds the role free takes it before it sends,
+and needs no waiter at all: the common case of one caller at a time is
+kept to the fewest steps.  A call made while serving a call on the same
+connection reads in the same thread, so nested calls do not deadlock.
 
 A connection that must read while no thread waits (replies to futures,
 say) gets a reader thread of its own with ``start_reader``; it is the
