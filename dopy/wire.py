@@ -39,6 +39,7 @@ import pickle
 import struct
 from collections import deque, namedtuple
 
+from .buffers import as_bytes, new_buffer
 from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
@@ -118,7 +119,9 @@ class _OutOfBand:
         data = self.data
         if type(data) is memoryview:
             return _rebuild_view, (pickle.PickleBuffer(data), data.format, data.shape)
-        return type(data), (pickle.PickleBuffer(data),)
+        if type(data) is bytes:
+            return as_bytes, (pickle.PickleBuffer(data),)
+        return bytearray, (pickle.PickleBuffer(data),)
 
 
 def _rebuild_view(buffer, format, shape):
@@ -234,14 +237,13 @@ class Decoder:
     def pending(self):
         """The number of bytes received that are not yet part of a whole frame."""
         if self._large is not None:
-            return HEADER.size + self._large[1]
+            return HEADER.size + self._large.received
         return self._end - self._start
 
     def get_buffer(self):
         """Where the next received bytes should be written (never empty)."""
         if self._large is not None:
-            payload, filled, _ = self._large
-            return memoryview(payload)[filled:]
+            return self._large.target()
         if self._end == self._size:
             self._compact()
         return self._view[self._end:]
@@ -249,13 +251,10 @@ class Decoder:
     def advance(self, nbytes):
         """Record that ``nbytes`` were written into the last ``get_buffer()``."""
         if self._large is not None:
-            payload, filled, header = self._large
-            filled += nbytes
-            if filled < len(payload):
-                self._large = (payload, filled, header)
+            if not self._large.advance(nbytes):
                 return
-            self._large = None
-            self._ready.append(_make_frame(header, payload))
+            frame, self._large = self._large.frame(), None
+            self._ready.append(frame)
         else:
             self._end += nbytes
         self._parse()
@@ -362,14 +361,74 @@ class Decoder:
         """The frame at ``_start`` is not all here: make room for the rest of it."""
         needed = HEADER.size + length
         if needed > _STAGING_MAX:
-            body_start = self._start + HEADER.size
-            available = self._end - body_start
-            payload = bytearray(length)
-            payload[:available] = self._view[body_start:self._end]
+            large = _LargeFrame((kind, nbuf, request_id, length))
+            body = self._view[self._start + HEADER.size:self._end]
             self._start = self._end = 0
-            self._large = (payload, available, (kind, nbuf, request_id, length))
+            while body:
+                target = large.target()
+                n = min(len(target), len(body))
+                target[:n] = body[:n]
+                body = body[n:]
+                large.advance(n)
+            self._large = large
         elif needed > self._size:
             self._grow(needed)
+
+
+class _LargeFrame:
+    """A frame too large for the staging buffer, received in place, part by part.
+
+    The parts follow the payload's layout: the buffer table, then the
+    pickle, then each out-of-band buffer in memory of its own (see
+    ``dopy.buffers``), so that a large ``bytes`` value is received
+    straight into the object it becomes.  The table is received first:
+    it says how the rest is cut, and its sizes are checked against the
+    frame's length before anything more is allocated.
+    """
+
+    __slots__ = ('header', 'views', 'index', 'filled', 'received')
+
+    def __init__(self, header):
+        kind, nbuf, request_id, length = header
+        self.header = header
+        self.views = [memoryview(bytearray(nbuf * _LENGTH_SIZE if nbuf else length))]
+        self.index = 0
+        self.filled = 0
+        self.received = 0
+
+    def target(self):
+        """Where the next bytes go."""
+        return self.views[self.index][self.filled:]
+
+    def advance(self, nbytes):
+        """Record ``nbytes`` written into ``target()``; True once the whole frame is in."""
+        self.filled += nbytes
+        self.received += nbytes
+        while self.filled == len(self.views[self.index]):
+            if self.index == 0 and self.header[1]:
+                self._cut()
+            self.index += 1
+            self.filled = 0
+            if self.index == len(self.views):
+                return True
+        return False
+
+    def _cut(self):
+        """The table is in: a part for the pickle, then one for each buffer."""
+        kind, nbuf, request_id, length = self.header
+        table = self.views[0]
+        sizes = [_LENGTH.unpack_from(table, i * _LENGTH_SIZE)[0] for i in range(nbuf)]
+        data_size = length - len(table) - sum(sizes)
+        if data_size < 0:
+            raise ProtocolError(f'buffer lengths add up past the end of a {length}-byte frame')
+        self.views.append(memoryview(bytearray(data_size)))
+        self.views.extend(new_buffer(size) for size in sizes)
+
+    def frame(self):
+        kind, nbuf, request_id, length = self.header
+        if not nbuf:
+            return Frame(kind, request_id, self.views[0].obj)
+        return Frame(kind, request_id, self.views[1], self.views[2:])
 
 
 def _check_header(view, start, max_size):
