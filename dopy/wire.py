@@ -361,16 +361,11 @@ class Decoder:
         """The frame at ``_start`` is not all here: make room for the rest of it."""
         needed = HEADER.size + length
         if needed > _STAGING_MAX:
-            large = _LargeFrame((kind, nbuf, request_id, length))
             body = self._view[self._start + HEADER.size:self._end]
             self._start = self._end = 0
-            while body:
-                target = large.target()
-                n = min(len(target), len(body))
-                target[:n] = body[:n]
-                body = body[n:]
-                large.advance(n)
-            self._large = large
+            self._large = _LargeFrame((kind, nbuf, request_id, length))
+            # The start of the body came with the header: into its parts it goes.
+            self.feed(body)
         elif needed > self._size:
             self._grow(needed)
 
