@@ -18,7 +18,10 @@ offset  size  field
 The payload is *n* 8-byte buffer lengths, then a pickle (protocol 5), then
 the *n* buffers, back to back.  Large buffers (``pickle.PickleBuffer``)
 travel out of band this way, so they are neither copied into the pickle on
-the sending side nor out of it on the receiving side.
+the sending side nor out of it on the receiving side.  A frame too large
+for the staging buffer is received part by part, each buffer in memory of
+its own, so that a large ``bytes`` value arrives in the very object it
+becomes (see ``dopy.buffers``).
 
 The pickle of each kind holds:
 
