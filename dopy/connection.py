@@ -324,14 +324,8 @@ class Connection:
             # wakes it and closes the connection, so no peek is needed.
             return True
         try:
-            # Nothing to read and no hang-up: alive, known from one poll (a
-            # poller of its own: threads may check at once), which is much
-            # cheaper than a peek that fails.  Otherwise a peek tells a
-            # hang-up from data; it consumes nothing, so it is safe beside
-            # a reading thread.
-            poller = select.poll()
-            poller.register(self._stream.read_fd, select.POLLIN)
-            if not poller.poll(0) or not self._stream.peek_closed():
+            # Asked without reading anything, so it is safe beside a reading thread.
+            if not self._stream.peer_closed():
                 return True
             self._lost(None)
         except OSError as exc:

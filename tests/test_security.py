@@ -310,6 +310,15 @@ class Tls(HubCase):
         futures = [p.echo.future(i) for i in range(200)]
         self.assertEqual([f.result(TIMEOUT) for f in futures], list(range(200)))
 
+    def test_a_tls_proxy_reconnects_before_its_next_call_after_a_server_restart(self):
+        p = self.connect(server_context(), client_context())
+        self.assertEqual(p.echo(1), 1)
+        port = self.server.port
+        self.server.close()
+        self.server = dopy.tcp.makeServer(port, hub=self.hub, ssl_context=server_context())
+        # The hang-up is seen before anything is sent: no call fails.
+        self.assertEqual(p.echo(2), 2)
+
     def test_client_certificates_and_an_authkey_combine(self):
         p = self.connect(server_context(require_client_cert=True), client_context(with_cert=True),
                          KEY, KEY, host='127.0.0.1')
