@@ -508,7 +508,7 @@ class Connection:
                 if entry is not None and entry[1] is received:
                     del self._imports[name]
                 releases.append((name, received[0]))
-        return b''.join(wire.frame_segments(wire.RELEASE, 0, *wire.dumps(releases)))
+        return wire.encode(wire.RELEASE, 0, releases)
 
     def _release_exports(self, frame):
         try:

@@ -139,23 +139,20 @@ def _invoke(label, method, args, kwargs):
         return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
 
 
-def reply_segments(request_id, outcome, encode=wire.message_segments):
-    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR.
-
-    ``encode`` is the connection's ``wire.message_segments``.
-    """
+def reply_segments(request_id, outcome):
+    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR."""
     if not outcome.ok:
-        return error_reply(request_id, outcome.value, outcome.tb, encode)
+        return error_reply(request_id, outcome.value, outcome.tb)
     value = outcome.value
     if type(value) in wire.OUT_OF_BAND_TYPES:
         value = wire.out_of_band(value)
     try:
-        return encode(wire.REPLY, request_id, value)
+        return wire.message_segments(wire.REPLY, request_id, value)
     except Exception as exc:
         error = SerializationError(
             f'the result of {outcome.label}() could not be pickled on the server: '
             f'{type(exc).__name__}: {exc}')
-        return error_reply(request_id, error, None, encode)
+        return error_reply(request_id, error, None)
 
 
 def log_oneway(request_id, outcome):
@@ -165,9 +162,9 @@ def log_oneway(request_id, outcome):
                     remote_exc.pack(outcome.value, outcome.tb)[4].rstrip())
 
 
-def error_reply(request_id, exc, tb, encode=wire.message_segments):
+def error_reply(request_id, exc, tb):
     """The segments of an ERROR frame carrying ``exc`` and the frames of ``tb``."""
-    return encode(wire.ERROR, request_id, remote_exc.pack(exc, tb))
+    return wire.message_segments(wire.ERROR, request_id, remote_exc.pack(exc, tb))
 
 
 def _find(lookup, frame, loads):
