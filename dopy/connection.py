@@ -203,12 +203,7 @@ class Connection:
         except CallTimeoutError:
             raise self._timed_out(name, method, timeout) from None
         finally:
-            with lock:
-                self._reader = None
-                if self._sleepers:
-                    self._cond.notify_all()
-            if self._closed:
-                self._close_socket()
+            self._give_up_reading()
             if self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
         if error is not None:
@@ -308,12 +303,7 @@ class Connection:
         except Exception as exc:
             self._ended(exc)
         finally:
-            with self._lock:
-                self._reader = None
-                if self._sleepers:
-                    self._cond.notify_all()
-            if self._closed:
-                self._close_socket()
+            self._give_up_reading()
 
     def check_alive(self):
         """False if closed, or found hung up by the peer (without sending anything)."""
