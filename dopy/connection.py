@@ -181,46 +181,57 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         lock = self._lock
         lock.acquire()
-        if self._reader is not None or self._closed or not self._threaded:
+        if (self._reader is not None or self._reader_thread is not None or self._closed
+                or not self._threaded):
             lock.release()
-            return self._call_waiting(name, method, args, kwargs, deadline, timeout)
+            waiter = _Waiter(name, method)
+            request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
+            return self._await(waiter, request_id, deadline, timeout)
         # No thread reads: this one takes the role, and reads its own reply.
         # Every call's path when one thread at a time calls, kept short: no
         # waiter to register, no other thread to wake.
         self._reader = get_ident()
         lock.release()
+        waiter = None
         try:
             request_id = self._send_call(wire.CALL, None, args, kwargs, deadline, name, method)
-            read_frame = self._read_frame
-            while True:
-                frame = read_frame(deadline)
-                if frame.request_id == request_id and frame.kind in _ANSWERS:
-                    # Unpickled while this thread still reads: the frame
-                    # may be a view of the decoder's buffer.
-                    value, error = self._unpack(frame, name, method)
-                    break
-                self._handle(frame)
+            if self._reader_thread is not None:
+                # A reference among the arguments has just started the
+                # connection's reader thread: from now on it reads, this
+                # reply included, and serves the callbacks.
+                waiter = _Waiter(name, method)
+                self._register(request_id, waiter)
+            else:
+                read_frame = self._read_frame
+                while True:
+                    frame = read_frame(deadline)
+                    if frame.request_id == request_id and frame.kind in _ANSWERS:
+                        # Unpickled while this thread still reads: the frame
+                        # may be a view of the decoder's buffer.
+                        value, error = self._unpack(frame, name, method)
+                        break
+                    self._handle(frame)
         except CallTimeoutError:
             raise self._timed_out(name, method, timeout) from None
         finally:
             self._give_up_reading()
-            if self._close_when_unused and self._users <= 0:
+            if waiter is None and self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
+        if waiter is not None:
+            return self._await(waiter, request_id, deadline, timeout)
         if error is not None:
             raise error
         return value
 
-    def _call_waiting(self, name, method, args, kwargs, deadline, timeout):
-        """The call, made while another thread reads (or the loop does): registered for the reader to answer."""
-        waiter = _Waiter(name, method)
-        request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
+    def _await(self, waiter, request_id, deadline, timeout):
+        """The outcome of a call registered under ``waiter``, once whichever thread reads has answered it."""
         try:
             self._wait_for(waiter, deadline)
         except CallTimeoutError:
             with self._lock:
                 self._waiters.pop(request_id, None)
             if not waiter.done:
-                raise self._timed_out(name, method, timeout) from None
+                raise self._timed_out(waiter.name, waiter.method, timeout) from None
         finally:
             if self._close_when_unused:
                 self._close_if_unused()
@@ -274,12 +285,16 @@ class Connection:
             finally:
                 state.connection = saved
             if waiter is not None:
-                with self._lock:
-                    if self._closed:
-                        raise _fresh(self._error)
-                    self._waiters[request_id] = waiter
+                self._register(request_id, waiter)
             self._send(segments, deadline)
         return request_id
+
+    def _register(self, request_id, waiter):
+        """Have the reply to ``request_id`` answer ``waiter``."""
+        with self._lock:
+            if self._closed:
+                raise _fresh(self._error)
+            self._waiters[request_id] = waiter
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
@@ -554,7 +569,9 @@ class Connection:
         me = get_ident()
         with self._lock:
             while not waiter.done:
-                if self._reader is None:
+                # A connection's reader thread, once it has one, does all
+                # the reading: replies and callbacks go one way only.
+                if self._reader is None and self._reader_thread is None:
                     self._reader = me
                     nested = False
                     break

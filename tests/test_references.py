@@ -43,6 +43,9 @@ class Service:
     def call_saved(self, method, *args):
         return getattr(self.saved, method)(*args)
 
+    def call_saved_on(self, target, method):
+        return getattr(target, method)()
+
     def fire_later(self, value):
         threading.Thread(target=lambda: (self.saved.ping(value), self.fired.set())).start()
 
@@ -156,6 +159,16 @@ class ThreadedCallbacks(TwoHubs):
         self.assertTrue(self.service.fired.wait(TIMEOUT))
         self.assertEqual(recorder.calls, ['later'])
 
+
+    def test_callbacks_run_on_the_clients_threads_from_the_first_call_that_sends_a_ref(self):
+        class Where:
+            def thread(self):
+                return threading.current_thread().name
+
+        expected = 'dopy-reader-' if self.thread_mode == dopy.THRD_CONN else 'dopy-call-'
+        for attempt in ('first', 'second'):
+            with self.subTest(call=attempt):
+                self.assertTrue(self.p.call_saved_on(dopy.ref(Where()), 'thread').startswith(expected))
 
     def test_a_callback_proxy_forwarded_to_a_third_hub_still_calls_here(self):
         other_hub = dopy.Hub()
