@@ -39,13 +39,9 @@ def _tcp_state_readable(sock):
     if _TCP_INFO is None:
         return False
     try:
-        return len(socket.socket.getsockopt(sock, socket.IPPROTO_TCP, _TCP_INFO, 1)) == 1
+        return len(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)) == 1
     except OSError:
         return False
-
-
-def _tcp_peer_closed(sock):
-    return socket.socket.getsockopt(sock, socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
 
 
 class SocketStream:
@@ -77,7 +73,7 @@ class SocketStream:
     def peer_closed(self):
         """True if the peer has hung up, found without consuming anything."""
         if self._tcp_state:
-            return _tcp_peer_closed(self.sock)
+            return self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
         try:
             return not self.sock.recv(1, _PEEK)
         except BlockingIOError:
@@ -128,7 +124,7 @@ class TLSStream:
 
     def peer_closed(self):
         """True if the peer has hung up, from the TCP state; where that is unknown, taken as no (TLS cannot peek)."""
-        return self._tcp_state and _tcp_peer_closed(self.sock)
+        return self._tcp_state and self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
 
     def shutdown(self):
         try:
