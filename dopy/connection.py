@@ -326,7 +326,7 @@ class Connection:
             return False
         if self._reader_thread is not None:
             # A reader thread sleeps in recv on this connection: a hang-up
-            # wakes it and closes the connection, so no peek is needed.
+            # wakes it and closes the connection, so no check is needed.
             return True
         try:
             # Asked without reading anything, so it is safe beside a reading thread.
