@@ -703,13 +703,7 @@ class Connection:
             raise _fresh(self._error)
         try:
             if len(segments) == 1:
-                data = segments[0]
-                try:
-                    sent = self._stream.send(data)
-                except BlockingIOError:
-                    sent = 0
-                if sent != len(data):
-                    self._send_rest(data, sent, deadline)
+                self._send_all(segments[0], deadline)
             else:
                 self._send_segments(segments, deadline)
             if self._released:
