@@ -48,6 +48,7 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures._base import RUNNING as _RUNNING
 from threading import get_ident
 
 from . import dispatch, proxy, remote_exc, wire
@@ -96,16 +97,28 @@ class _Waiter:
 
     The thread that reads the reply unpickles it before it reads on, so
     that a reference in a reply is resolved before any RELEASE behind it.
-    A waiter with a ``future`` resolves the future instead.
+    A future's call waits with the future itself (see ``_CallFuture``).
     """
 
-    __slots__ = ('done', 'value', 'error', 'future', 'name', 'method')
+    __slots__ = ('done', 'value', 'error', 'name', 'method')
 
-    def __init__(self, name, method, future=None):
+    def __init__(self, name, method):
         self.done = False
         self.value = None
         self.error = None
-        self.future = future
+        self.name = name
+        self.method = method
+
+
+class _CallFuture(Future):
+    """The ``concurrent.futures.Future`` of a call sent: running, and named after the call for its errors."""
+
+    def __init__(self, name, method):
+        super().__init__()
+        # What set_running_or_notify_cancel() does, without taking the
+        # condition for it on every future's path: a sent call cannot be
+        # cancelled, and nothing can wait on this future yet.
+        self._state = _RUNNING
         self.name = name
         self.method = method
 
@@ -251,11 +264,10 @@ class Connection:
         bounds the wait for the reply.  Starts the reader thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = Future() if self._threaded else _LoopFuture(self.hub.loop)
-        future.set_running_or_notify_cancel()
+        future = _CallFuture(name, method) if self._threaded else _LoopFuture(name, method, self.hub.loop)
         if self._reader_thread is None:
             self.start_reader()
-        self._send_call(wire.CALL, _Waiter(name, method, future), args, kwargs, deadline, name, method)
+        self._send_call(wire.CALL, future, args, kwargs, deadline, name, method)
         return future
 
     def call_oneway(self, name, method, args, kwargs, timeout=None):
@@ -627,15 +639,15 @@ class Connection:
                       '(it came after a timeout)', frame.request_id, self.peer)
             return
         value, error = self._unpack(frame, waiter.name, waiter.method)
-        if waiter.future is not None:
+        if isinstance(waiter, Future):
             # Closed first, if its proxies have gone: whoever holds the
             # future may check the connection as soon as it resolves.
             if self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
             if error is None:
-                waiter.future.set_result(value)
+                waiter.set_result(value)
             else:
-                waiter.future.set_exception(error)
+                waiter.set_exception(error)
             return
         with self._lock:
             waiter.value, waiter.error, waiter.done = value, error, True
@@ -779,13 +791,13 @@ class Connection:
             self._error = error
             waiters, self._waiters = self._waiters, {}
             for waiter in waiters.values():
-                if waiter.future is None:
+                if not isinstance(waiter, Future):
                     waiter.error, waiter.done = _fresh(error), True
             self._cond.notify_all()
             reading = self._reader is not None
         for waiter in waiters.values():
-            if waiter.future is not None:
-                waiter.future.set_exception(_fresh(error))
+            if isinstance(waiter, Future):
+                waiter.set_exception(_fresh(error))
         with self._refs_lock:
             self._exports.clear()
             self._export_names.clear()
@@ -815,11 +827,11 @@ class Connection:
             self._stream.close()
 
 
-class _LoopFuture(Future):
+class _LoopFuture(_CallFuture):
     """THRD_NONE: a future whose waiting runs the hub's loop, which is what resolves it."""
 
-    def __init__(self, loop):
-        super().__init__()
+    def __init__(self, name, method, loop):
+        super().__init__(name, method)
         self._loop = loop
 
     def _pump(self, timeout):

@@ -230,15 +230,13 @@ class RemoteObject:
     def __exit__(self, *exc_info):
         self._dopy_link.close()
 
-    def _dopy_call(self, method, args, kwargs, how='call'):
+    def _dopy_call(self, method, args, kwargs, oneway=False):
         link = self._dopy_link
         connection = link.get()
         try:
-            if how == 'call':
-                return connection.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-            if how == 'future':
-                return connection.call_async(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-            return connection.call_oneway(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            if oneway:
+                return connection.call_oneway(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            return connection.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CommunicationError as exc:
             link.failed(connection, exc)
             raise
@@ -271,11 +269,19 @@ class _Method:
 
     def future(self, /, *args, **kwargs):
         """Start the call and return a ``concurrent.futures.Future`` of its result."""
-        return self._proxy._dopy_call(self._name, args, kwargs, 'future')
+        # As __call__, in one step: many futures are started in a row.
+        proxy = self._proxy
+        link = proxy._dopy_link
+        connection = link.get()
+        try:
+            return connection.call_async(proxy._dopy_name, self._name, args, kwargs, proxy._dopy_timeout)
+        except CommunicationError as exc:
+            link.failed(connection, exc)
+            raise
 
     def oneway(self, /, *args, **kwargs):
         """Send the call and return None at once, without waiting for it to run."""
-        self._proxy._dopy_call(self._name, args, kwargs, 'oneway')
+        self._proxy._dopy_call(self._name, args, kwargs, oneway=True)
 
     def __repr__(self):
         return f'<remote method {self._name} of {self._proxy!r}>'

@@ -1,8 +1,10 @@
 """Calls through a proxy over real sockets on 127.0.0.1, server and client in this process."""
 
+import concurrent.futures
 import contextlib
 import logging
 import pickle
+import queue
 import socket
 import threading
 import time
@@ -252,6 +254,30 @@ class Threads(HubCase):
         self.assertEqual(result, ['late'])
 
 
+@each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
+class FuturesWithoutWaiting(HubCase):
+    """In the threaded modes a future resolves by itself: nothing needs to call result() first."""
+
+    def setUp(self):
+        super().setUp()
+        self.p = self.serve(Service())
+
+    def test_futures_complete_under_concurrent_futures_wait_and_as_completed(self):
+        futures = [self.p.add.future(i, b=1) for i in range(50)]
+        done, not_done = concurrent.futures.wait(futures, timeout=TIMEOUT)
+        self.assertEqual((len(done), len(not_done)), (50, 0))
+        more = {self.p.echo.future(i): i for i in range(50)}
+        seen = [f.result() == more[f] for f in concurrent.futures.as_completed(more, timeout=TIMEOUT)]
+        self.assertEqual(seen, [True] * 50)
+
+    def test_done_callbacks_run_with_the_outcome(self):
+        outcomes = queue.Queue()
+        self.p.echo.future('fine').add_done_callback(lambda f: outcomes.put(f.result()))
+        self.p.fail.future('broken').add_done_callback(lambda f: outcomes.put(type(f.exception())))
+        got = {outcomes.get(timeout=TIMEOUT), outcomes.get(timeout=TIMEOUT)}
+        self.assertEqual(got, {'fine', KeyError})
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class Pipelining(HubCase):
     def setUp(self):
@@ -273,6 +299,15 @@ class Pipelining(HubCase):
         future = self.p.echo.future('async')
         self.assertEqual(self.p.echo('sync'), 'sync')
         self.assertEqual(future.result(TIMEOUT), 'async')
+
+    def test_a_sent_future_is_running_and_cannot_be_cancelled(self):
+        future = self.p.wait_for_release.future('late')
+        self.assertTrue(self.service.started.wait(TIMEOUT))
+        self.assertTrue(future.running())
+        self.assertFalse(future.cancel())
+        self.service.release.set()
+        self.assertEqual(future.result(TIMEOUT), 'late')
+        self.assertFalse(future.cancelled())
 
     def test_oneway_runs_in_order_before_a_later_call(self):
         seen = []
