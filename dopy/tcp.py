@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 
@@ -243,7 +244,8 @@ class TCPServer:
         self._start_worker(sock, address)
 
     def _start_worker(self, sock, address):
-        _tune(sock)
+        if not _OPTIONS_INHERITED:
+            _tune(sock)
         peer = _Peer(sock, f'{_format_host(address[0])}:{address[1]}')
         with self._lock:
             if self._closed:
@@ -441,14 +443,23 @@ def _listen(host, port):
     try:
         if host == '':
             if socket.has_dualstack_ipv6():
-                return socket.create_server(('', port), family=socket.AF_INET6,
+                sock = socket.create_server(('', port), family=socket.AF_INET6,
                                             backlog=_BACKLOG, dualstack_ipv6=True)
-            return socket.create_server(('', port), backlog=_BACKLOG)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        return socket.create_server(address, family=family, backlog=_BACKLOG)
+            else:
+                sock = socket.create_server(('', port), backlog=_BACKLOG)
+        else:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, address = infos[0]
+            sock = socket.create_server(address, family=family, backlog=_BACKLOG)
     except OSError as exc:
         raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
+    if _OPTIONS_INHERITED:
+        try:
+            _tune(sock)
+        except OSError as exc:
+            sock.close()
+            raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
+    return sock
 
 
 # Keepalive probes start after this many idle seconds, and the connection is
@@ -459,16 +470,27 @@ _KEEPALIVE_INTERVAL = 10
 _KEEPALIVE_PROBES = 6
 
 
-def _tune(sock):
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+def _socket_options():
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     # TCP_KEEPIDLE is Linux's name, TCP_KEEPALIVE macOS's; elsewhere the system's defaults stay.
     idle = getattr(socket, 'TCP_KEEPIDLE', None) or getattr(socket, 'TCP_KEEPALIVE', None)
     for option, value in ((idle, _KEEPALIVE_IDLE),
                           (getattr(socket, 'TCP_KEEPINTVL', None), _KEEPALIVE_INTERVAL),
                           (getattr(socket, 'TCP_KEEPCNT', None), _KEEPALIVE_PROBES)):
         if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            options.append((socket.IPPROTO_TCP, option, value))
+    return tuple(options)
+
+
+_SOCKET_OPTIONS = _socket_options()
+# Linux gives an accepted socket the options of the socket that listened:
+# set once there, they cost no system calls on each connection.
+_OPTIONS_INHERITED = sys.platform.startswith('linux')
+
+
+def _tune(sock):
+    for level, option, value in _SOCKET_OPTIONS:
+        sock.setsockopt(level, option, value)
 
 
 def _plain_ip(ip):
@@ -501,6 +523,44 @@ def _tls_handshake(sock, deadline, what, wait=wait_for_socket):
         wait(sock, events, deadline, what)
 
 
+def _ip_family(host):
+    """``AF_INET`` or ``AF_INET6`` if ``host`` is an IP address, else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def _addresses(host, port):
+    """``getaddrinfo``'s stream addresses for ``host:port``; an IP address is taken as it is, with no resolver."""
+    family = _ip_family(host)
+    if family is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, '', (host, port))]
+
+
+def _connect_blocking(host, port, timeout):
+    """``socket.create_connection``, with an IP address connected to directly.
+
+    Resolving even an IP address costs each connection more than its
+    system call: the host name goes through Python's IDNA codec first.
+    """
+    family = _ip_family(host)
+    if family is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _connect_waiting(host, port, deadline, wait, what):
     """A socket connected to ``host:port``, waiting with ``wait`` (as the handshakes do) rather than blocking.
 
@@ -508,7 +568,7 @@ def _connect_waiting(host, port, deadline, wait, what):
     raises the last error.
     """
     error = OSError(f'no address found for {host}')
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in _addresses(host, port):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
@@ -565,7 +625,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
             if hub.threaded:
-                sock = socket.create_connection((host, port), timeout=connect_timeout)
+                sock = _connect_blocking(host, port, connect_timeout)
             else:
                 sock = _connect_waiting(host, port, deadline, wait, f'connecting to {address}')
         except OSError as exc:

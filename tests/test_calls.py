@@ -254,6 +254,29 @@ class Threads(HubCase):
         self.assertEqual(result, ['late'])
 
 
+@each_mode()
+class SocketOptions(HubCase):
+    """Both ends of a TCP connection send small messages at once and probe an idle peer."""
+
+    OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, True), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)]
+    OPTIONS += [(socket.IPPROTO_TCP, getattr(socket, name), value)
+                for name, value in (('TCP_KEEPIDLE', 60), ('TCP_KEEPINTVL', 10), ('TCP_KEEPCNT', 6))
+                if hasattr(socket, name)]
+
+    def options(self, sock):
+        # A flag reads back as any non-zero int on some systems.
+        return [(level, option, bool(got) if isinstance(value, bool) else got)
+                for level, option, value in self.OPTIONS
+                for got in [sock.getsockopt(level, option)]]
+
+    def test_both_ends_have_nodelay_and_keepalive(self):
+        p = self.serve(Service())
+        self.assertEqual(p.echo(1), 1)
+        (server_side,) = self.server.connections()
+        self.assertEqual(self.options(p._dopy_link.connection._stream.sock), self.OPTIONS)
+        self.assertEqual(self.options(server_side._stream.sock), self.OPTIONS)
+
+
 @each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
 class FuturesWithoutWaiting(HubCase):
     """In the threaded modes a future resolves by itself: nothing needs to call result() first."""
