@@ -69,6 +69,7 @@ serves only loopback peers and refuses the others), ``read_authkey_file``
 and ``authkey_from_env``.
 """
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -364,19 +365,20 @@ class ClientHandshake(_Handshake):
         raise self._fail(AuthenticationError(f'the server refused the connection: {message}'))
 
 
-def server_handshake(sock, authkey, refusal=None, deadline=None, greeted=None):
+def server_handshake(sock, authkey, refusal=None, deadline=None, greeted=None, peer=None):
     """Run the server's side of the handshake on a connected socket.
 
     ``deadline`` is a ``time.monotonic()`` time, or None for no limit.
     ``greeted``, when given, is the ``ServerHandshake`` whose greeting
     (``initial()``) was already sent on ``sock``: it goes on from there.
+    ``peer`` names the client in messages (by default, its address).
     Returns once the peer may send frames; reads nothing past the
     handshake.  On failure, logs one line on ``dopy.auth`` and raises:
     ``AuthenticationError`` (a wrong key, or ``refusal`` was given),
     ``CallTimeoutError`` (the deadline passed), ``ConnectionLostError`` or
     another ``CommunicationError``.  The caller closes the socket.
     """
-    peer = _peer_name(sock)
+    peer = peer or _peer_name(sock)
     handshake = greeted if greeted is not None else ServerHandshake(authkey, refusal)
     try:
         _drive(sock, handshake, deadline, peer, greeted=greeted is not None)
@@ -393,18 +395,19 @@ def log_failure(peer, why):
     log.warning('handshake with %s failed: %s', peer, why)
 
 
-def client_handshake(sock, authkey, deadline=None, wait=None):
+def client_handshake(sock, authkey, deadline=None, wait=None, peer=None):
     """Run the client's side of the handshake on a connected socket.
 
     ``deadline`` is a ``time.monotonic()`` time, or None for no limit.
     ``wait(sock, events, deadline, what)`` waits until the socket is ready
     for ``select.POLLIN`` or ``POLLOUT`` (``wait_for_socket`` by default; a
-    THRD_NONE hub runs its loop meanwhile).  Returns once frames may be
+    THRD_NONE hub runs its loop meanwhile).  ``peer`` names the server in
+    messages (by default, its address).  Returns once frames may be
     sent; reads nothing past the handshake.  Raises ``AuthenticationError``,
     ``ProtocolError``, ``CallTimeoutError``, ``ConnectionLostError`` or
     another ``CommunicationError``.
     """
-    _drive(sock, ClientHandshake(authkey), deadline, _peer_name(sock), wait)
+    _drive(sock, ClientHandshake(authkey), deadline, peer or _peer_name(sock), wait)
 
 
 def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
@@ -500,6 +503,13 @@ def is_loopback(address):
         address = address[0]
     if not isinstance(address, str):
         return False
+    return _is_loopback_ip(address)
+
+
+# A server asks for every peer it accepts; parsing an address in Python
+# costs more than the rest of accepting it, and peers come back.
+@functools.lru_cache(maxsize=1024)
+def _is_loopback_ip(address):
     try:
         ip = ipaddress.ip_address(address.split('%', 1)[0])
     except ValueError:

@@ -172,16 +172,20 @@ class Hub:
 
         ``connections`` counts the open ones: this hub's own, and every peer
         its servers hold, those still in their handshake included.
+        ``idle_threads`` counts the threads kept waiting for the next peer of
+        a server, or the next call of the THRD_FUNC pool.
         """
         with self._lock:
             # Closed connections may linger, held by a proxy: they are not counted.
             connections = [c for c in self._connections if not c.closed]
             held = len(connections)
+            idle = self._pool.idle_count() if self._pool is not None else 0
             for server in self._servers:
                 connections.extend(server.connections())
                 held += server.peer_count()
+                idle += server.idle_threads()
             counts = {'objects': len(self._objects), 'servers': len(self._servers),
-                      'connections': held}
+                      'connections': held, 'idle_threads': idle}
         counts['exported_references'] = sum(c.export_count() for c in connections)
         counts['imported_references'] = sum(c.import_count() for c in connections)
         return counts

@@ -1,8 +1,11 @@
-"""The bounded thread pool of THRD_FUNC: calls run on up to ``size`` threads, started as needed; when all are busy, the caller runs the call.
+"""A thread pool that starts threads as needed and keeps idle ones for the next work: THRD_FUNC's calls, and a server's connections.
 
-Unlike ``concurrent.futures.ThreadPoolExecutor`` it can be shut down from
-one of its own threads (a remote method that shuts the hub down) and it
-joins its threads with a deadline.
+``size`` bounds the threads (None: no bound); when all of them are busy,
+``submit`` refuses and the caller runs the work itself.  ``max_idle``
+bounds the threads kept waiting for work: the others end when their work
+is done.  Unlike ``concurrent.futures.ThreadPoolExecutor`` it can be shut
+down from one of its own threads (a remote method that shuts the hub down)
+and it joins its threads with a deadline.
 """
 
 import logging
@@ -16,13 +19,15 @@ log = logging.getLogger('dopy.pool')
 
 
 class Pool:
-    """Runs submitted callables on at most ``size`` threads."""
+    """Runs submitted callables on at most ``size`` threads, keeping at most ``max_idle`` of them idle."""
 
-    def __init__(self, size, name):
+    def __init__(self, size, name, max_idle=None):
         self._size = size
+        self._max_idle = max_idle
         self._name = name
         self._queue = queue.SimpleQueue()
-        self._threads = []
+        self._threads = set()
+        self._started = 0
         self._idle = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -38,16 +43,22 @@ class Pool:
                 raise RuntimeError('the pool is shut down')
             if self._idle > 0:
                 self._idle -= 1
-            elif len(self._threads) < self._size:
+            elif self._size is None or len(self._threads) < self._size:
                 # Started under the lock, so that shutdown never meets a thread not yet started.
                 thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f'{self._name}-{len(self._threads)}')
-                self._threads.append(thread)
+                                          name=f'{self._name}-{self._started}')
+                self._started += 1
+                self._threads.add(thread)
                 thread.start()
             else:
                 return False
             self._queue.put(work)
             return True
+
+    def idle_count(self):
+        """How many threads wait for work."""
+        with self._lock:
+            return self._idle
 
     def shutdown(self, timeout):
         """Drop the work not yet started and join the threads, waiting at most ``timeout`` seconds."""
@@ -65,6 +76,7 @@ class Pool:
                     log.warning('%s is still running a remote method; leaving it behind', thread.name)
 
     def _work(self):
+        me = threading.current_thread()
         while True:
             work = self._queue.get()
             if work is None or self._closed:
@@ -72,6 +84,11 @@ class Pool:
             try:
                 work()
             except Exception:
-                log.exception('a pooled call failed outside dispatch')
+                log.exception('%s failed outside dispatch', me.name)
+            # Nothing of the finished work stays alive while this thread waits.
+            work = None
             with self._lock:
+                if self._max_idle is not None and self._idle >= self._max_idle and not self._closed:
+                    self._threads.discard(me)
+                    return
                 self._idle += 1

@@ -2,7 +2,9 @@
 
 In the threaded modes a server has an accept thread and one thread per
 connection, which reads that connection's calls (and, in THRD_CONN, runs
-them one after another).  In THRD_NONE the hub's loop accepts and reads.
+them one after another); when the peer leaves, the thread waits for the
+next peer, up to eight of them idle (``dopy.pool``).  In THRD_NONE the
+hub's loop accepts and reads.
 A client connection has no thread of its own (see ``dopy.connection``).  Every socket has
 ``TCP_NODELAY``, so a small message leaves at once, and ``SO_KEEPALIVE``.
 
@@ -36,6 +38,7 @@ from .connection import Connection, translate_os_error
 from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
+from .pool import Pool
 from .proxy import RemoteObject
 from .streams import SocketStream, TLSStream
 
@@ -48,6 +51,8 @@ DEFAULT_HOST = '127.0.0.1'
 # Connecting never waits forever, even when calls may.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 _BACKLOG = 128
+# Idle connection threads a server keeps for the next peers (see idle_threads).
+_MAX_IDLE_THREADS = 8
 
 
 PROTECTED_MODE_REFUSAL = (
@@ -122,7 +127,10 @@ class TCPServer:
         self.host = host
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
-        self._workers = {}
+        self._peers = set()
+        # A connection's thread, its peer gone, waits for the next one:
+        # starting a thread costs more than the rest of accepting a peer.
+        self._threads = Pool(None, f'dopy-conn-{port}', max_idle=_MAX_IDLE_THREADS)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         try:
@@ -171,15 +179,10 @@ class TCPServer:
         elif self._accept_thread is not threading.current_thread():
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            workers = list(self._workers.items())
-        for peer, _ in workers:
+            peers = list(self._peers)
+        for peer in peers:
             peer.close()
-        me = threading.current_thread()
-        for _, thread in workers:
-            if thread is not None and thread is not me:
-                thread.join(max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    log.warning('%s is still running a remote method; leaving it behind', thread.name)
+        self._threads.shutdown(max(0.0, deadline - time.monotonic()))
         self.hub._remove_server(self)
         if self._accept_thread is None or not self._accept_thread.is_alive():
             self._close_fds()
@@ -188,12 +191,16 @@ class TCPServer:
     def peer_count(self):
         """How many peers this server holds: served, or still in their handshake."""
         with self._lock:
-            return len(self._workers)
+            return len(self._peers)
+
+    def idle_threads(self):
+        """How many of this server's threads wait for the next peer (at most 8)."""
+        return self._threads.idle_count()
 
     def connections(self):
         """The connections this server is serving now."""
         with self._lock:
-            return [peer.connection for peer in self._workers if peer.connection is not None]
+            return [peer.connection for peer in self._peers if peer.connection is not None]
 
     def advertise(self, local_ip):
         """``tcp:IP:PORT`` if a peer that reached this host at ``local_ip`` can reach this server."""
@@ -252,19 +259,16 @@ class TCPServer:
                 sock.close()
                 return
             refusal = self._refusal(address[0])
-            thread = None
             if self.hub.threaded:
                 greeted = self._greet_early(peer) if refusal is None else None
                 if greeted is False:
                     sock.close()
                     return
-                thread = threading.Thread(target=self._serve, args=(peer, refusal, greeted),
-                                          name=f'dopy-conn-{peer.name}', daemon=True)
-            self._workers[peer] = thread
+                # Under the lock: close() never misses a peer's thread.
+                self._threads.submit(lambda: self._serve(peer, refusal, greeted))
+            self._peers.add(peer)
         log.debug('accepted %s', peer.name)
-        if thread is not None:
-            thread.start()
-        else:
+        if not self.hub.threaded:
             self._handshake_in_loop(peer, refusal)
 
     def _greet_early(self, peer):
@@ -293,7 +297,7 @@ class TCPServer:
 
     def _refusal(self, ip):
         """Why a peer at ``ip`` is refused, or None (called with the lock held)."""
-        if self.max_connections is not None and len(self._workers) >= self.max_connections:
+        if self.max_connections is not None and len(self._peers) >= self.max_connections:
             return TOO_MANY_REFUSAL.format(self.max_connections)
         certified = (self.ssl_context is not None
                      and self.ssl_context.verify_mode == ssl.CERT_REQUIRED)
@@ -302,6 +306,7 @@ class TCPServer:
         return None
 
     def _serve(self, peer, refusal, greeted=None):
+        threading.current_thread().name = f'dopy-conn-{peer.name}'
         deadline = time.monotonic() + self.handshake_timeout
         if self.ssl_context is not None:
             try:
@@ -314,7 +319,7 @@ class TCPServer:
                 self.forget(peer)
                 return
         try:
-            server_handshake(peer.sock, self.authkey, refusal, deadline, greeted)
+            server_handshake(peer.sock, self.authkey, refusal, deadline, greeted, peer.name)
         except (DopyError, OSError):
             # dopy.auth has logged why, in one line.
             peer.sock.close()
@@ -400,7 +405,7 @@ class TCPServer:
     def _connect(self, peer):
         """The handshake is over: make the peer a connection, unless the server closed meanwhile."""
         with self._lock:
-            if self._closed or peer not in self._workers:
+            if self._closed or peer not in self._peers:
                 peer.sock.close()
                 return False
             stream = (TLSStream(peer.sock) if isinstance(peer.sock, ssl.SSLSocket)
@@ -413,7 +418,7 @@ class TCPServer:
     def forget(self, peer):
         """Stop tracking a peer that has gone."""
         with self._lock:
-            self._workers.pop(peer, None)
+            self._peers.discard(peer)
 
 
 class _Peer:
@@ -636,7 +641,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
                 sock = ssl_context.wrap_socket(sock, server_hostname=host,
                                                do_handshake_on_connect=False)
                 _tls_handshake(sock, deadline, f'TLS with {address}', wait)
-            client_handshake(sock, authkey, deadline, wait)
+            client_handshake(sock, authkey, deadline, wait, address)
         except BaseException:
             sock.close()
             raise

@@ -147,6 +147,19 @@ def each_mode(transports=('tcp',), modes=MODES):
     return decorate
 
 
+def eventually(condition, what, timeout=TIMEOUT):
+    """Poll ``condition()`` until it is true; fail naming ``what`` if it is not within ``timeout``.
+
+    For state another thread reaches a moment after an event this test
+    cannot wait on (a peer's departure noticed, a thread gone idle).
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f'still not {what} after {timeout} s')
+        time.sleep(0.01)
+
+
 def raw_client(port, authkey=None):
     """A plain socket to a DOPY server on 127.0.0.1, past the handshake: frames go next."""
     sock = socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT)

@@ -7,7 +7,7 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import TIMEOUT, Case, HubCase
+from tests.support import TIMEOUT, Case, HubCase, eventually
 
 
 class Echo:
@@ -161,6 +161,35 @@ class Shutdown(HubCase):
                 p.echo(2)
         with self.assertRaises(dopy.CommunicationError):
             dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.client_hub)
+
+    def test_new_peers_are_served_on_kept_threads_and_at_most_eight_wait(self):
+        served_on = []
+
+        class Where:
+            def thread(self):
+                served_on.append(threading.current_thread())
+
+        self.hub.addObject('where', Where())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+
+        def peers(count):
+            proxies = [dopy.tcp.remote('127.0.0.1', server.port, 'where', timeout=TIMEOUT,
+                                       hub=self.client_hub) for _ in range(count)]
+            for p in proxies:
+                p.thread()
+            for p in proxies:
+                dopy.close(p)
+
+        peers(20)
+        self.assertEqual(len(set(served_on)), 20)
+        eventually(lambda: self.hub.stats()['idle_threads'] == 8
+                   and sum(t.is_alive() for t in served_on) == 8, 'eight threads kept')
+        kept = {t for t in served_on if t.is_alive()}
+        served_on.clear()
+        peers(8)
+        self.assertEqual(set(served_on), kept)
+        self.hub.shutdown()
+        self.assertEqual([t for t in kept if t.is_alive()], [])
 
     def test_shutdown_from_inside_a_remote_method(self):
         hub = self.hub
