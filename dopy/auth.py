@@ -416,7 +416,8 @@ def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
     timeout = sock.gettimeout()
     # Non-blocking for the handshake, so that no read or write can outlast
     # the deadline (a blocking TLS read waits for a whole record).
-    sock.settimeout(0.0)
+    if timeout != 0.0:
+        sock.settimeout(0.0)
     try:
         wait = wait or wait_for_socket
         if not greeted:
@@ -431,7 +432,7 @@ def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
         if handshake.failed:
             raise handshake.error
     finally:
-        if sock.fileno() >= 0:
+        if timeout != 0.0 and sock.fileno() >= 0:
             sock.settimeout(timeout)
 
 

@@ -547,30 +547,12 @@ def _addresses(host, port):
     return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, '', (host, port))]
 
 
-def _connect_blocking(host, port, timeout):
-    """``socket.create_connection``, with an IP address connected to directly.
-
-    Resolving even an IP address costs each connection more than its
-    system call: the host name goes through Python's IDNA codec first.
-    """
-    family = _ip_family(host)
-    if family is None:
-        return socket.create_connection((host, port), timeout=timeout)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _connect_waiting(host, port, deadline, wait, what):
-    """A socket connected to ``host:port``, waiting with ``wait`` (as the handshakes do) rather than blocking.
+    """A non-blocking socket connected to ``host:port``, waiting with ``wait`` (as the handshakes do).
 
     Like ``socket.create_connection``, it tries each address in turn and
-    raises the last error.
+    raises the last error; an IP address is connected to without asking the
+    resolver, which would first pass it through Python's IDNA codec.
     """
     error = OSError(f'no address found for {host}')
     for family, kind, proto, _, address in _addresses(host, port):
@@ -629,10 +611,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         deadline = time.monotonic() + connect_timeout
         wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
-            if hub.threaded:
-                sock = _connect_blocking(host, port, connect_timeout)
-            else:
-                sock = _connect_waiting(host, port, deadline, wait, f'connecting to {address}')
+            sock = _connect_waiting(host, port, deadline, wait, f'connecting to {address}')
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
