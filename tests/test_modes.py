@@ -7,13 +7,14 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 
 import dopy
 import dopy.rsh
 import dopy.tcp
 from dopy import wire
-from tests.support import raw_client, MODES, ROOT, TIMEOUT, Case, HubCase, each_mode
+from tests.support import raw_client, MODES, ROOT, TIMEOUT, Case, HubCase, each_mode, eventually
 
 FIXTURE_STDIO = os.path.join(ROOT, 'tests', 'fixture_stdio.py')
 
@@ -24,6 +25,9 @@ class Slow:
 
     def echo(self, value):
         return value
+
+    def size(self, value):
+        return len(value)
 
     def slow(self, seconds, value):
         self.entered.set()
@@ -79,6 +83,16 @@ class ThreadPerCall(HubCase):
         self.assertEqual(second.result(TIMEOUT), 'fast')
         self.assertEqual(first.result(TIMEOUT), 'slow')
         self.assertEqual(order, ['fast', 'slow'])
+
+    def test_an_idle_pool_thread_keeps_nothing_of_the_call_it_ran(self):
+        p = self.serve(Slow())
+        self.assertEqual(p.echo(b'warm'), b'warm')
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        self.assertEqual(p.size(bytes(8 << 20)), 8 << 20)
+        # The reply leaves before the pool thread is done with the call.
+        eventually(lambda: tracemalloc.get_traced_memory()[0] < 1 << 20,
+                   'rid of the 8 MiB argument')
 
     def test_the_pool_is_bounded(self):
         hub = dopy.Hub(threadMode=dopy.THRD_FUNC, pool_size=2)
