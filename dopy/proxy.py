@@ -230,13 +230,12 @@ class RemoteObject:
     def __exit__(self, *exc_info):
         self._dopy_link.close()
 
-    def _dopy_call(self, method, args, kwargs, oneway=False):
+    def _dopy_call(self, method, args, kwargs, send='call'):
+        """Call ``method`` through the connection's ``send`` method: ``call``, ``call_async`` or ``call_oneway``."""
         link = self._dopy_link
         connection = link.get()
         try:
-            if oneway:
-                return connection.call_oneway(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-            return connection.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+            return getattr(connection, send)(self._dopy_name, method, args, kwargs, self._dopy_timeout)
         except CommunicationError as exc:
             link.failed(connection, exc)
             raise
@@ -269,19 +268,11 @@ class _Method:
 
     def future(self, /, *args, **kwargs):
         """Start the call and return a ``concurrent.futures.Future`` of its result."""
-        # As __call__, in one step: many futures are started in a row.
-        proxy = self._proxy
-        link = proxy._dopy_link
-        connection = link.get()
-        try:
-            return connection.call_async(proxy._dopy_name, self._name, args, kwargs, proxy._dopy_timeout)
-        except CommunicationError as exc:
-            link.failed(connection, exc)
-            raise
+        return self._proxy._dopy_call(self._name, args, kwargs, 'call_async')
 
     def oneway(self, /, *args, **kwargs):
         """Send the call and return None at once, without waiting for it to run."""
-        self._proxy._dopy_call(self._name, args, kwargs, oneway=True)
+        self._proxy._dopy_call(self._name, args, kwargs, 'call_oneway')
 
     def __repr__(self):
         return f'<remote method {self._name} of {self._proxy!r}>'
