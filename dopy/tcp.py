@@ -130,7 +130,7 @@ class TCPServer:
         self._peers = set()
         # A connection's thread, its peer gone, waits for the next one:
         # starting a thread costs more than the rest of accepting a peer.
-        self._threads = Pool(None, f'dopy-conn-{port}', max_idle=_MAX_IDLE_THREADS)
+        self._threads = Pool(None, f'dopy-conn-{self.port}', max_idle=_MAX_IDLE_THREADS)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         try:
