@@ -445,6 +445,7 @@ class _Peer:
 
 
 def _listen(host, port):
+    sock = None
     try:
         if host == '':
             if socket.has_dualstack_ipv6():
@@ -456,15 +457,13 @@ def _listen(host, port):
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family, _, _, _, address = infos[0]
             sock = socket.create_server(address, family=family, backlog=_BACKLOG)
-    except OSError as exc:
-        raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
-    if _OPTIONS_INHERITED:
-        try:
+        if _OPTIONS_INHERITED:
             _tune(sock)
-        except OSError as exc:
+        return sock
+    except OSError as exc:
+        if sock is not None:
             sock.close()
-            raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
-    return sock
+        raise translate_os_error(exc, f'cannot serve on {_format_host(host)}:{port}') from exc
 
 
 # Keepalive probes start after this many idle seconds, and the connection is
