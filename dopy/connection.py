@@ -48,10 +48,10 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from concurrent.futures._base import RUNNING as _RUNNING
 from threading import get_ident
 
 from . import dispatch, proxy, remote_exc, wire
+from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
@@ -97,7 +97,7 @@ class _Waiter:
 
     The thread that reads the reply unpickles it before it reads on, so
     that a reference in a reply is resolved before any RELEASE behind it.
-    A future's call waits with the future itself (see ``_CallFuture``).
+    A future's call waits with the future itself (see ``dopy.futures``).
     """
 
     __slots__ = ('done', 'value', 'error', 'name', 'method')
@@ -106,19 +106,6 @@ class _Waiter:
         self.done = False
         self.value = None
         self.error = None
-        self.name = name
-        self.method = method
-
-
-class _CallFuture(Future):
-    """The ``concurrent.futures.Future`` of a call sent: running, and named after the call for its errors."""
-
-    def __init__(self, name, method):
-        super().__init__()
-        # What set_running_or_notify_cancel() does, without taking the
-        # condition for it on every future's path: a sent call cannot be
-        # cancelled, and nothing can wait on this future yet.
-        self._state = _RUNNING
         self.name = name
         self.method = method
 
@@ -264,7 +251,7 @@ class Connection:
         bounds the wait for the reply.  Starts the reader thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = _CallFuture(name, method) if self._threaded else _LoopFuture(name, method, self.hub.loop)
+        future = CallFuture(name, method) if self._threaded else LoopFuture(name, method, self.hub.loop)
         if self._reader_thread is None:
             self.start_reader()
         self._send_call(wire.CALL, future, args, kwargs, deadline, name, method)
@@ -825,29 +812,6 @@ class Connection:
     def _close_socket(self):
         with self._send_lock:
             self._stream.close()
-
-
-class _LoopFuture(_CallFuture):
-    """THRD_NONE: a future whose waiting runs the hub's loop, which is what resolves it."""
-
-    def __init__(self, name, method, loop):
-        super().__init__(name, method)
-        self._loop = loop
-
-    def _pump(self, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            self._loop.pump_until(self.done, deadline)
-        except CallTimeoutError:
-            pass  # the Future's own wait reports the timeout
-
-    def result(self, timeout=None):
-        self._pump(timeout)
-        return super().result(0 if self.done() else timeout)
-
-    def exception(self, timeout=None):
-        self._pump(timeout)
-        return super().exception(0 if self.done() else timeout)
 
 
 def _remaining(deadline):
