@@ -702,25 +702,24 @@ class Connection:
             raise _fresh(self._error)
         try:
             if len(segments) == 1:
-                self._send_all(segments[0], deadline)
+                # Every small message's path: one send, which takes it all.
+                data = segments[0]
+                try:
+                    sent = self._stream.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent != len(data):
+                    self._send_rest(data, sent, deadline)
             else:
                 self._send_segments(segments, deadline)
             if self._released:
-                self._send_all(self._release_frame(), deadline)
+                self._send_segments([self._release_frame()], deadline)
         except CallTimeoutError:
             self._shutdown(ConnectionLostError(
                 f'connection with {self.peer} closed: a send timed out part-way through a frame'))
             raise
         except OSError as exc:
             raise self._lost(exc)
-
-    def _send_all(self, data, deadline):
-        try:
-            sent = self._stream.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent != len(data):
-            self._send_rest(data, sent, deadline)
 
     def _send_rest(self, data, sent, deadline):
         stream = self._stream

@@ -135,7 +135,7 @@ def _invoke(label, method, args, kwargs):
     try:
         return _new(Outcome, (label, True, method(*args, **kwargs), None))
     except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
-        log.debug('%s raised %r', label, exc)
+        log.debug('%s.%s raised %r', *label, exc)
         return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
 
 
@@ -150,7 +150,7 @@ def reply_segments(request_id, outcome):
         return wire.message_segments(wire.REPLY, request_id, value)
     except Exception as exc:
         error = SerializationError(
-            f'the result of {outcome.label}() could not be pickled on the server: '
+            f'the result of {".".join(outcome.label)}() could not be pickled on the server: '
             f'{type(exc).__name__}: {exc}')
         return error_reply(request_id, error, None)
 
@@ -168,7 +168,10 @@ def error_reply(request_id, exc, tb):
 
 
 def _find(lookup, frame, loads):
-    """``(label, method, args, kwargs)`` for the call in ``frame``, or the exception that refuses it."""
+    """``(label, method, args, kwargs)`` for the call in ``frame``, or the exception that refuses it.
+
+    The label, ``(object name, method name)``, is joined only for a message.
+    """
     try:
         message = loads(frame.data, frame.buffers)
     except Exception as exc:
@@ -180,4 +183,4 @@ def _find(lookup, frame, loads):
     if not isinstance(name, str) or not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise ProtocolError('a CALL frame must hold (str, str, tuple, dict)')
     obj, exposed = lookup(name)
-    return f'{name}.{method_name}', resolve(obj, method_name, exposed), args, kwargs
+    return (name, method_name), resolve(obj, method_name, exposed), args, kwargs
