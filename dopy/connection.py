@@ -631,10 +631,7 @@ class Connection:
             # future may check the connection as soon as it resolves.
             if self._close_when_unused and self._users <= 0:
                 self._close_if_unused()
-            if error is None:
-                waiter.set_result(value)
-            else:
-                waiter.set_exception(error)
+            waiter.resolve(value, error)
             return
         with self._lock:
             waiter.value, waiter.error, waiter.done = value, error, True
@@ -783,7 +780,7 @@ class Connection:
             reading = self._reader is not None
         for waiter in waiters.values():
             if isinstance(waiter, Future):
-                waiter.set_exception(_fresh(error))
+                waiter.resolve(None, _fresh(error))
         with self._refs_lock:
             self._exports.clear()
             self._export_names.clear()

@@ -55,12 +55,13 @@ class CallFuture(Future):
         return fields[name]
 
     def set_result(self, result):
-        self._resolve(result, None)
+        self.resolve(result, None)
 
     def set_exception(self, exception):
-        self._resolve(None, exception)
+        self.resolve(None, exception)
 
-    def _resolve(self, result, exception):
+    def resolve(self, result, exception):
+        """``set_result(result)`` if ``exception`` is None, else ``set_exception(exception)``: the connection's one call."""
         fields = self.__dict__
         if '_condition' in fields or self._state != RUNNING:
             # Someone may wait, or the future is resolved already (which the
