@@ -92,6 +92,9 @@ class Hub:
         self.loop = Loop()
         self._pool = (Pool(self.settings['pool_size'], 'dopy-call')
                       if self.threadMode == THRD_FUNC else None)
+        # Host names are looked up on a thread of this pool, so that a name
+        # server that never answers holds up no caller past its deadline.
+        self._resolver = Pool(None, 'dopy-resolve', max_idle=1, doing='looking up a host name')
         self._loop_thread = None
         self._objects = {}
         self._names = {}
@@ -173,13 +176,16 @@ class Hub:
         ``connections`` counts the open ones: this hub's own, and every peer
         its servers hold, those still in their handshake included.
         ``idle_threads`` counts the threads kept waiting for the next peer of
-        a server, or the next call of the THRD_FUNC pool.
+        a server, the next call of the THRD_FUNC pool, or the next host name
+        to look up.
         """
         with self._lock:
             # Closed connections may linger, held by a proxy: they are not counted.
             connections = [c for c in self._connections if not c.closed]
             held = len(connections)
-            idle = self._pool.idle_count() if self._pool is not None else 0
+            idle = self._resolver.idle_count()
+            if self._pool is not None:
+                idle += self._pool.idle_count()
             for server in self._servers:
                 connections.extend(server.connections())
                 held += server.peer_count()
@@ -321,6 +327,7 @@ class Hub:
             connection.close(max(0.0, deadline - time.monotonic()))
         if self._pool is not None:
             self._pool.shutdown(max(0.0, deadline - time.monotonic()))
+        self._resolver.shutdown(max(0.0, deadline - time.monotonic()))
         if self._loop_thread is None:
             self.loop.close()
         self._shut_down.set()

@@ -1,4 +1,4 @@
-"""A thread pool that starts threads as needed and keeps idle ones for the next work: THRD_FUNC's calls, and a server's connections.
+"""A thread pool that starts threads as needed and keeps idle ones for the next work: THRD_FUNC's calls, a server's connections, a hub's host name lookups.
 
 ``size`` bounds the threads (None: no bound); when all of them are busy,
 ``submit`` refuses and the caller runs the work itself.  ``max_idle``
@@ -21,8 +21,9 @@ log = logging.getLogger('dopy.pool')
 class Pool:
     """Runs submitted callables on at most ``size`` threads, keeping at most ``max_idle`` of them idle."""
 
-    def __init__(self, size, name, max_idle=None):
+    def __init__(self, size, name, max_idle=None, doing='running a remote method'):
         self._size = size
+        self._doing = doing
         self._max_idle = max_idle
         self._name = name
         self._queue = queue.SimpleQueue()
@@ -73,7 +74,7 @@ class Pool:
             if thread is not me:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
-                    log.warning('%s is still running a remote method; leaving it behind', thread.name)
+                    log.warning('%s is still %s; leaving it behind', thread.name, self._doing)
 
     def _work(self):
         me = threading.current_thread()

@@ -31,6 +31,8 @@ import ssl
 import sys
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
                    is_loopback, log_failure, server_handshake, wait_for_socket)
@@ -538,23 +540,46 @@ def _ip_family(host):
     return None
 
 
-def _addresses(host, port):
-    """``getaddrinfo``'s stream addresses for ``host:port``; an IP address is taken as it is, with no resolver."""
+def _addresses(hub, host, port, deadline, what):
+    """``getaddrinfo``'s stream addresses for ``host:port``, found by ``deadline``.
+
+    An IP address is taken as it is, with no resolver (which would first
+    pass it through Python's IDNA codec), and ``localhost`` is looked up in
+    this thread: RFC 6761 has it answered locally, never by a name server.
+    Any other name is looked up on a thread of the hub's, so that a name
+    server that does not answer cannot hold the caller past ``deadline``.
+    """
     family = _ip_family(host)
-    if family is None:
+    if family is not None:
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, '', (host, port))]
+    if host.lower() == 'localhost':
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, '', (host, port))]
+    found = Future()
+
+    def look_up():
+        try:
+            found.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as exc:
+            found.set_exception(exc)
+
+    try:
+        hub._resolver.submit(look_up)
+    except RuntimeError:
+        raise ConnectionClosedError('the hub of this proxy has been shut down') from None
+    try:
+        return found.result(max(0.0, deadline - time.monotonic()))
+    except FutureTimeoutError:
+        raise CallTimeoutError(f'{what}: looking up {host} timed out') from None
 
 
-def _connect_waiting(host, port, deadline, wait, what):
+def _connect_waiting(hub, host, port, deadline, wait, what):
     """A non-blocking socket connected to ``host:port``, waiting with ``wait`` (as the handshakes do).
 
     Like ``socket.create_connection``, it tries each address in turn and
-    raises the last error; an IP address is connected to without asking the
-    resolver, which would first pass it through Python's IDNA codec.
+    raises the last error.
     """
     error = OSError(f'no address found for {host}')
-    for family, kind, proto, _, address in _addresses(host, port):
+    for family, kind, proto, _, address in _addresses(hub, host, port, deadline, what):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
@@ -610,7 +635,9 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         deadline = time.monotonic() + connect_timeout
         wait = wait_for_socket if hub.threaded else _loop_wait(hub.loop)
         try:
-            sock = _connect_waiting(host, port, deadline, wait, f'connecting to {address}')
+            sock = _connect_waiting(hub, host, port, deadline, wait, f'connecting to {address}')
+        except DopyError:
+            raise  # already says what it was doing: a timeout, or the hub shut down
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import unittest
+from unittest import mock
 
 import dopy
 import dopy.tcp
@@ -456,6 +457,63 @@ class ServerGoesAway(HubCase):
                 pass  # the system refused rather than queued: bounded all the same
             else:
                 self.skipTest('this system accepted past a full backlog')
+
+    def resolver(self, answers):
+        """Patch the system resolver: ``answers`` maps a host name to its IP or to an exception to raise;
+        other names go to the real resolver.  Returns the names looked up, with the thread each was looked up on."""
+        real, asked = socket.getaddrinfo, []
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            asked.append((host, threading.get_ident()))
+            answer = answers.get(host)
+            if callable(answer):
+                answer = answer()
+            if isinstance(answer, BaseException):
+                raise answer
+            return real(answer if answer is not None else host, port, *args, **kwargs)
+
+        patcher = mock.patch('socket.getaddrinfo', getaddrinfo)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return asked
+
+    def test_a_name_server_that_never_answers_cannot_hold_up_a_connect(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.resolver({'hung.example': lambda: release.wait(TIMEOUT) and socket.gaierror(socket.EAI_AGAIN, 'late')})
+        start = time.monotonic()
+        with self.assertRaises(dopy.CallTimeoutError) as caught:
+            dopy.tcp.remote('hung.example', 9600, 'obj', timeout=0.2, hub=self.client_hub)
+        self.assertLess(time.monotonic() - start, TIMEOUT)
+        self.assertIn('looking up hung.example timed out', str(caught.exception))
+
+    def test_a_host_name_is_looked_up_off_the_calling_thread_and_connected_to(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, '127.0.0.1', hub=self.hub)
+        asked = self.resolver({'server.example': '127.0.0.1'})
+        p = dopy.tcp.remote('server.example', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo('by name'), 'by name')
+        self.assertEqual([host for host, _ in asked], ['server.example'])
+        self.assertNotEqual(asked[0][1], threading.get_ident())
+
+    def test_an_unknown_host_name_is_a_communication_error_with_the_resolvers_reason(self):
+        self.resolver({'nowhere.example': socket.gaierror(socket.EAI_NONAME, 'Name or service not known')})
+        with self.assertRaises(dopy.CommunicationError) as caught:
+            dopy.tcp.remote('nowhere.example', 9600, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        self.assertIn('nowhere.example', str(caught.exception))
+        self.assertIsInstance(caught.exception.__cause__, socket.gaierror)
+
+    def test_localhost_and_ip_addresses_are_looked_up_on_the_calling_thread(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, '127.0.0.1', hub=self.hub)
+        asked = self.resolver({})
+        for host in ('127.0.0.1', 'localhost'):
+            p = dopy.tcp.remote(host, server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+            self.addCleanup(dopy.close, p)
+            self.assertEqual(p.echo(host), host)
+        self.assertTrue(all(thread == threading.get_ident() for _, thread in asked))
+        self.assertNotIn('127.0.0.1', [host for host, _ in asked])
 
     def test_server_closed_between_calls_then_back_reconnects(self):
         self.hub.addObject('obj', Service())
