@@ -18,7 +18,11 @@ offset  size  field
 
 OPEN: the handshake is over; DOPY frames follow.  A client that has an
 authkey refuses such a server, since a server that does not authenticate
-could be anyone.
+could be anyone.  A keyless client that had an OPEN greeting from the
+same address before may send frames at once, before the greeting comes
+(``dopy.streams.EarlyStream`` reads it before the first frame); a
+REFUSED server never reads them, and an AUTH server that finds a frame
+where the answer goes fails the handshake saying the client has no key.
 
 REFUSED: the greeting is followed by the reason, and the server closes.
 
@@ -82,6 +86,7 @@ import stat
 import struct
 import time
 
+from . import wire
 from .connection import translate_os_error, wait_ready
 from .hub import check_authkey
 from .errors import AuthenticationError, ConnectionLostError, ProtocolError
@@ -111,6 +116,9 @@ MAX_REFUSAL_SIZE = 1024
 _NO_CHALLENGE = bytes(CHALLENGE_SIZE)
 _ACCEPTED = b'\x01'
 _REJECTED = b'\x00'
+# How a frame starts: what a keyless client that met this address OPEN
+# before sends where the answer goes (a random answer starts so once in 2**40).
+_FRAME_START = wire.MAGIC + bytes((wire.VERSION,))
 
 # A suggestion for the transports: long enough for a slow link, short
 # enough that a peer that connects and says nothing is soon let go.
@@ -248,6 +256,10 @@ class ServerHandshake(_Handshake):
         return GREETING.pack(MAGIC, VERSION, self.mode, 0, self._challenge)
 
     def _step(self, chunk):
+        if chunk.startswith(_FRAME_START):
+            self._fail(AuthenticationError(
+                'the client has no authkey: it sent a call where the answer to the challenge goes'))
+            return _REJECTED
         client_challenge, proof = chunk[:CHALLENGE_SIZE], chunk[CHALLENGE_SIZE:]
         expected = _client_proof(self._key, self._challenge, client_challenge)
         if not hmac.compare_digest(proof, expected):

@@ -370,6 +370,10 @@ class Connection:
             self._refuse(exc)
             self._ended(exc)
             return
+        except CommunicationError as exc:
+            self._shutdown(exc)
+            self._ended(exc)
+            return
         except OSError as exc:
             self._ended(self._lost(exc))
             return
@@ -687,6 +691,11 @@ class Connection:
                 raise self._lost(None) from None
             except ProtocolError as exc:
                 self._refuse(exc)
+                raise
+            except CommunicationError as exc:
+                # The greeting of a server that frames were sent to early
+                # (streams.EarlyStream) refused them: every call hears why.
+                self._shutdown(exc)
                 raise
             except OSError as exc:
                 raise self._lost(exc)

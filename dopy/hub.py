@@ -95,6 +95,8 @@ class Hub:
         # Host names are looked up on a thread of this pool, so that a name
         # server that never answers holds up no caller past its deadline.
         self._resolver = Pool(None, 'dopy-resolve', max_idle=1, doing='looking up a host name')
+        # HOST:PORT of the TCP servers that greeted this hub's keyless clients OPEN (dopy.tcp).
+        self._open_servers = {}
         self._loop_thread = None
         self._objects = {}
         self._names = {}

@@ -23,7 +23,7 @@ import select
 import socket
 import ssl
 
-__all__ = ['SocketStream', 'TLSStream', 'PipeStream']
+__all__ = ['SocketStream', 'EarlyStream', 'TLSStream', 'PipeStream']
 
 # Plain ints: or-ing the enum flags on every call costs more than the system call.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
@@ -87,6 +87,48 @@ class SocketStream:
 
     def close(self):
         self.sock.close()
+
+
+class EarlyStream(SocketStream):
+    """A client's socket whose frames went out before the server's greeting came: the greeting is read first.
+
+    ``handshake`` is a started ``dopy.auth.ClientHandshake`` that has not
+    yet seen the greeting.  Reading feeds it exactly the bytes it asks
+    for, so no frame is taken for the greeting; only then do frames pass.
+    Where it fails, the read raises its error (``AuthenticationError`` or
+    ``ProtocolError``) after calling ``on_failure()``.
+    """
+
+    def __init__(self, sock, handshake, on_failure):
+        super().__init__(sock)
+        self._handshake = handshake
+        self._on_failure = on_failure
+        self.recv_wait = self._recv_wait_greeted
+
+    def recv_into(self, buffer):
+        if self._handshake is not None:
+            self._greet(_DONTWAIT)
+        return self.sock.recv_into(buffer, 0, _DONTWAIT)
+
+    def _recv_wait_greeted(self, buffer):
+        if self._handshake is not None:
+            self._greet(0)
+        return self.sock.recv_into(buffer)
+
+    def _greet(self, flags):
+        handshake = self._handshake
+        while not handshake.done:
+            data = self.sock.recv(handshake.wanted, flags)
+            if not data:
+                self._on_failure()
+                return  # the read that follows finds the end of the stream
+            try:
+                handshake.feed(data)
+            except Exception:
+                self._on_failure()
+                raise
+        self._handshake = None
+        self.recv_wait = self.sock.recv_into
 
 
 class TLSStream:

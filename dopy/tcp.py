@@ -14,7 +14,9 @@ brackets: ``tcp:[::1]:9600:myObject``.
 Every connection starts with the handshake of ``dopy.auth``, before any
 pickle in either direction: with an ``authkey``, mutual HMAC
 authentication; without one, a server answers only loopback peers
-(protected mode) unless it was made ``insecure``.  A server over its
+(protected mode) unless it was made ``insecure``.  A keyless plain client
+sends its first call to a server its hub has met without a key at once,
+and reads the greeting before the reply.  A server over its
 ``max_connections`` refuses new peers the same way, and goes on serving
 the others.  With an ``ssl_context`` the connection is TLS first, and the
 handshake runs inside it; a server whose context requires client
@@ -34,15 +36,15 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
-from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ServerHandshake, check_authkey, client_handshake,
-                   is_loopback, log_failure, server_handshake, wait_for_socket)
+from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ClientHandshake, ServerHandshake, check_authkey,
+                   client_handshake, is_loopback, log_failure, server_handshake, wait_for_socket)
 from .connection import Connection, translate_os_error
 from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .pool import Pool
 from .proxy import RemoteObject
-from .streams import SocketStream, TLSStream
+from .streams import EarlyStream, SocketStream, TLSStream
 
 __all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
 
@@ -55,6 +57,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 _BACKLOG = 128
 # Idle connection threads a server keeps for the next peers (see idle_threads).
 _MAX_IDLE_THREADS = 8
+# Servers a hub remembers as OPEN, to send its first call to at once (see connect).
+_MAX_OPEN_SERVERS = 1024
 
 
 PROTECTED_MODE_REFUSAL = (
@@ -90,7 +94,9 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_contex
     ``timeout`` (seconds) bounds connecting and every call; None, the
     default, lets a call wait as long as it takes, while connecting is still
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
-    that is down raises ``CommunicationError`` here.  ``authkey`` (bytes;
+    that is down raises ``CommunicationError`` here; a keyless plain client
+    whose hub has met this server without a key does not wait for its
+    greeting, which the first call reads (and raises for, if it refuses).  ``authkey`` (bytes;
     the hub's by default) is the key the server must share; a client with a
     key refuses a server that does not authenticate.  ``ssl_context`` (an
     ``ssl.SSLContext`` for the client side; the hub's by default) makes the
@@ -628,6 +634,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         raise ValueError(f'timeout must be None or a positive number of seconds, not {timeout!r}')
     connect_timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
     address = f'{_format_host(host)}:{port}'
+    open_servers = hub._open_servers
 
     def connect():
         if hub.closed:
@@ -641,16 +648,30 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         except OSError as exc:
             raise translate_os_error(exc, f'cannot connect to {address}') from exc
         _tune(sock)
+        # A keyless plain client has nothing to say in the handshake: to a
+        # server that greeted it OPEN before, it sends its first call at once
+        # and reads the greeting before the reply, saving a round trip.
+        early = authkey is None and ssl_context is None and address in open_servers
         try:
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host,
                                                do_handshake_on_connect=False)
                 _tls_handshake(sock, deadline, f'TLS with {address}', wait)
-            client_handshake(sock, authkey, deadline, wait, address)
+            if not early:
+                client_handshake(sock, authkey, deadline, wait, address)
         except BaseException:
             sock.close()
             raise
-        stream = TLSStream(sock) if ssl_context is not None else SocketStream(sock)
+        if early:
+            handshake = ClientHandshake(None)
+            handshake.initial()
+            stream = EarlyStream(sock, handshake, lambda: open_servers.pop(address, None))
+        elif ssl_context is not None:
+            stream = TLSStream(sock)
+        else:
+            stream = SocketStream(sock)
+            if authkey is None:
+                _remember_open(open_servers, address)
         connection = Connection(stream, hub, address, local_ip=sock.getsockname()[0],
                                 close_when_unused=True)
         try:
@@ -661,6 +682,14 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         return connection
 
     return RemoteObject(f'tcp:{address}:{name}', name, connect, timeout)
+
+
+def _remember_open(open_servers, address):
+    # Bounded the cheap way: forgetting them all costs each server one
+    # handshake round trip more, once.
+    if len(open_servers) >= _MAX_OPEN_SERVERS:
+        open_servers.clear()
+    open_servers[address] = True
 
 
 def _parse_reference(rest):

@@ -12,7 +12,7 @@ import time
 import unittest
 from unittest import mock
 
-from dopy import auth
+from dopy import auth, wire
 from dopy.errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                          ConnectionLostError, ProtocolError)
 from tests.support import ROOT, TIMEOUT, Case
@@ -175,6 +175,14 @@ class Handshakes(unittest.TestCase):
         with self.assertRaisesRegex(AuthenticationError, 'requires an authkey'):
             pump(server, client)
         self.assertFalse(server.done)
+
+    def test_a_call_sent_early_to_an_auth_server_is_told_apart_from_a_wrong_key(self):
+        server = auth.ServerHandshake(KEY)
+        server.initial()
+        call = wire.encode(wire.CALL, 1, ('obj', 'echo', (b'x' * 64,), {}))
+        self.assertEqual(server.feed(call), b'\x00')
+        self.assertTrue(server.failed)
+        self.assertRegex(str(server.error), 'no authkey.*sent a call')
 
     def test_refusal_reaches_the_client_with_its_message(self):
         message = 'only loopback peers: set an authkey'

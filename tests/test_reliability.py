@@ -105,6 +105,10 @@ class IdleCrowd(Remote):
         first = self.remote()
         usual = self.median_latency(first)
         idle = [self.remote() for _ in range(self.IDLE)]
+        for p in idle:
+            # remote() may return before the server has taken the
+            # connection in; a call each makes sure it has.
+            p.echo(0)
         self.assertEqual(first.connections(), self.IDLE + 1)
         newcomer = self.remote()
         self.assertEqual(newcomer.echo('prompt'), 'prompt')
