@@ -390,6 +390,8 @@ def server_handshake(sock, authkey, refusal=None, deadline=None, greeted=None, p
     ``CallTimeoutError`` (the deadline passed), ``ConnectionLostError`` or
     another ``CommunicationError``.  The caller closes the socket.
     """
+    if greeted is not None and greeted.done:
+        return  # an OPEN greeting, already sent: nothing more to say or hear
     peer = peer or _peer_name(sock)
     handshake = greeted if greeted is not None else ServerHandshake(authkey, refusal)
     try:

@@ -118,11 +118,10 @@ class Connection:
     messages.
     """
 
-    def __init__(self, stream, hub, peer, local_ip=None, close_when_unused=False, on_close=None):
+    def __init__(self, stream, hub, peer, close_when_unused=False, on_close=None):
         self.peer = peer
         self._on_close = on_close
         self.hub = hub
-        self._local_ip = local_ip
         self._serial = next(_serials)
         self._stream = stream
         self._threaded = hub.threaded
@@ -463,7 +462,8 @@ class Connection:
         self.start_reader()
         name = self.hub.published_name(obj)
         if name is not None:
-            address = self.hub.advertised_address(self._local_ip) if self._local_ip else None
+            local_ip = self._stream.local_ip()
+            address = self.hub.advertised_address(local_ip) if local_ip else None
             return proxy.rebuild_here, (name, address)
         with self._refs_lock:
             name = self._export_names.get(id(obj))

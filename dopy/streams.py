@@ -15,7 +15,8 @@ show (decrypted TLS data): a reader must not wait while there are any.
 ``peer_closed()`` tells whether the peer has hung up, without reading
 anything: for a TCP socket, plain or TLS, from the connection's TCP state
 where the system tells it (Linux), one system call that does not even let
-go of the GIL.
+go of the GIL.  ``local_ip()`` is the IP address of this end, or None
+(pipes have none).
 """
 
 import os
@@ -34,14 +35,29 @@ _TCP_INFO = getattr(socket, 'TCP_INFO', None)
 _ESTABLISHED = 1
 
 
+# Per address family: a system that tells one TCP socket's state tells them all.
+_tcp_state_known = {}
+
+
 def _tcp_state_readable(sock):
     """True if ``sock`` tells its TCP state (a TCP socket, on Linux)."""
     if _TCP_INFO is None:
         return False
+    known = _tcp_state_known.get(sock.family)
+    if known is None:
+        try:
+            known = len(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)) == 1
+        except OSError:
+            known = False
+        _tcp_state_known[sock.family] = known
+    return known
+
+
+def _local_ip(sock):
     try:
-        return len(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)) == 1
+        return sock.getsockname()[0]
     except OSError:
-        return False
+        return None  # closed meanwhile: nothing more will go out on it
 
 
 class SocketStream:
@@ -52,7 +68,8 @@ class SocketStream:
     def __init__(self, sock):
         # A blocking socket, so that recv_wait can sleep in the kernel; every
         # other operation passes MSG_DONTWAIT and never blocks.
-        sock.settimeout(None)
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
         self.sock = sock
         self.read_fd = self.write_fd = sock.fileno()
         self.recv_wait = sock.recv_into
@@ -69,6 +86,10 @@ class SocketStream:
 
     def pending(self):
         return 0
+
+    def local_ip(self):
+        """The IP address this end of the connection has (found when asked: it costs a system call)."""
+        return _local_ip(self.sock)
 
     def peer_closed(self):
         """True if the peer has hung up, found without consuming anything."""
@@ -164,6 +185,10 @@ class TLSStream:
     def pending(self):
         return self.sock.pending()
 
+    def local_ip(self):
+        """The IP address this end of the connection has."""
+        return _local_ip(self.sock)
+
     def peer_closed(self):
         """True if the peer has hung up, from the TCP state; where that is unknown, taken as no (TLS cannot peek)."""
         return self._tcp_state and self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
@@ -209,6 +234,9 @@ class PipeStream:
 
     def pending(self):
         return 0
+
+    def local_ip(self):
+        return None
 
     def peer_closed(self):
         """True if the writer has gone and nothing is left to read."""
