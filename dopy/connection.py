@@ -37,6 +37,7 @@ connection.
 This is the only module that translates ``OSError`` into DOPY's errors.
 """
 
+import functools
 import itertools
 import logging
 import math
@@ -130,9 +131,11 @@ class Connection:
         self._send_lock = threading.RLock()
         # One lock, two names: ``_lock`` where nobody waits or is woken (the
         # C-level lock is much cheaper than the Condition), ``_cond`` where
-        # threads wait, counted in ``_sleepers`` so that nobody is woken in vain.
+        # threads wait, counted in ``_sleepers`` so that nobody is woken in
+        # vain.  ``_cond`` is made by the first thread to wait: most
+        # connections never have one.
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = None
         self._sleepers = 0
         self._waiters = {}
         self._ids = itertools.count(1)
@@ -151,16 +154,25 @@ class Connection:
         self._error = None
         # A reader with no deadline sleeps in recv itself, where the stream allows.
         self._recv_wait = stream.recv_wait if self._threaded else None
-        self._read_poll = select.poll()
-        self._read_poll.register(stream.read_fd, select.POLLIN)
-        if stream.wake_fd is not None:
-            self._read_poll.register(stream.wake_fd, select.POLLIN)
-        self._write_poll = select.poll()
-        self._write_poll.register(stream.write_fd, select.POLLOUT)
         if not self._threaded:
             hub.loop.add_reader(stream.read_fd, self._on_readable)
             if stream.pending():
                 hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
+
+    # Made on first use: a connection that never has to wait for its socket has none.
+    @functools.cached_property
+    def _read_poll(self):
+        poller = select.poll()
+        poller.register(self._stream.read_fd, select.POLLIN)
+        if self._stream.wake_fd is not None:
+            poller.register(self._stream.wake_fd, select.POLLIN)
+        return poller
+
+    @functools.cached_property
+    def _write_poll(self):
+        poller = select.poll()
+        poller.register(self._stream.write_fd, select.POLLOUT)
+        return poller
 
     def __repr__(self):
         state = 'closed' if self._closed else f'{len(self._waiters)} calls in flight'
@@ -785,7 +797,8 @@ class Connection:
             for waiter in waiters.values():
                 if not isinstance(waiter, Future):
                     waiter.error, waiter.done = _fresh(error), True
-            self._cond.notify_all()
+            if self._sleepers:
+                self._cond.notify_all()
             reading = self._reader is not None
         for waiter in waiters.values():
             if isinstance(waiter, Future):
@@ -808,6 +821,8 @@ class Connection:
     def _sleep(self, deadline):
         """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
         remaining = _remaining(deadline)
+        if self._cond is None:
+            self._cond = threading.Condition(self._lock)
         self._sleepers += 1
         try:
             self._cond.wait(remaining)
