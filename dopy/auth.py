@@ -114,7 +114,8 @@ _MAC_SIZE = hashlib.sha256().digest_size
 ANSWER_SIZE = CHALLENGE_SIZE + _MAC_SIZE
 MAX_REFUSAL_SIZE = 1024
 _NO_CHALLENGE = bytes(CHALLENGE_SIZE)
-_OPEN_GREETING = GREETING.pack(MAGIC, VERSION, OPEN, 0, _NO_CHALLENGE)
+# Every server without a key greets so, byte for byte.
+OPEN_GREETING = GREETING.pack(MAGIC, VERSION, OPEN, 0, _NO_CHALLENGE)
 _ACCEPTED = b'\x01'
 _REJECTED = b'\x00'
 # How a frame starts: what a keyless client that met this address OPEN
@@ -296,7 +297,7 @@ class ClientHandshake(_Handshake):
     def feed(self, data):
         """Take bytes from the server; return the bytes to send back; raise if the handshake fails."""
         if self._state == 'greeting':
-            if data == _OPEN_GREETING and self._key is None and not self._buffer:
+            if data == OPEN_GREETING and self._key is None and not self._buffer:
                 # The usual greeting, whole: no need to take it apart.
                 self.server_mode = OPEN
                 self._finish()

@@ -113,42 +113,63 @@ class SocketStream:
 class EarlyStream(SocketStream):
     """A client's socket whose frames went out before the server's greeting came: the greeting is read first.
 
-    ``handshake`` is a started ``dopy.auth.ClientHandshake`` that has not
-    yet seen the greeting.  Reading feeds it exactly the bytes it asks
-    for, so no frame is taken for the greeting; only then do frames pass.
-    Where it fails, the read raises its error (``AuthenticationError`` or
-    ``ProtocolError``) after calling ``on_failure()``.
+    ``greeting`` is the greeting expected, as bytes.  Reading takes no more
+    bytes than it has, so that no frame is taken for it; once it has come,
+    frames pass.  Bytes that differ from it go to ``make_handshake()``, a
+    started ``dopy.auth.ClientHandshake``, for the error they make
+    (``AuthenticationError`` or ``ProtocolError``; a refusal's message is
+    read in full first), which the read raises after calling
+    ``on_failure()``.
     """
 
-    def __init__(self, sock, handshake, on_failure):
+    def __init__(self, sock, greeting, make_handshake, on_failure):
         super().__init__(sock)
-        self._handshake = handshake
+        self._expected = greeting
+        self._seen = b''
+        self._make_handshake = make_handshake
+        self._handshake = None
         self._on_failure = on_failure
+        self._greeted = False
         self.recv_wait = self._recv_wait_greeted
 
     def recv_into(self, buffer):
-        if self._handshake is not None:
+        if not self._greeted:
             self._greet(_DONTWAIT)
         return self.sock.recv_into(buffer, 0, _DONTWAIT)
 
     def _recv_wait_greeted(self, buffer):
-        if self._handshake is not None:
+        if not self._greeted:
             self._greet(0)
         return self.sock.recv_into(buffer)
 
     def _greet(self, flags):
-        handshake = self._handshake
-        while not handshake.done:
-            data = self.sock.recv(handshake.wanted, flags)
+        while True:
+            handshake = self._handshake
+            if handshake is None:
+                wanted = len(self._expected) - len(self._seen)
+            else:
+                wanted = handshake.wanted
+            data = self.sock.recv(wanted, flags)
             if not data:
                 self._on_failure()
                 return  # the read that follows finds the end of the stream
+            if handshake is None:
+                seen = self._seen + data
+                if seen == self._expected:
+                    break
+                if self._expected.startswith(seen):
+                    self._seen = seen
+                    continue
+                handshake = self._handshake = self._make_handshake()
+                data = seen
             try:
                 handshake.feed(data)
             except Exception:
                 self._on_failure()
                 raise
-        self._handshake = None
+            if handshake.done:
+                break
+        self._greeted = True
         self.recv_wait = self.sock.recv_into
 
 

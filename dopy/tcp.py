@@ -36,8 +36,9 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
-from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, ClientHandshake, ServerHandshake, check_authkey,
-                   client_handshake, is_loopback, log_failure, server_handshake, wait_for_socket)
+from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, OPEN_GREETING, ClientHandshake, ServerHandshake,
+                   check_authkey, client_handshake, is_loopback, log_failure, server_handshake,
+                   wait_for_socket)
 from .connection import Connection, translate_os_error
 from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
@@ -665,9 +666,8 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
             sock.close()
             raise
         if early:
-            handshake = ClientHandshake(None)
-            handshake.initial()
-            stream = EarlyStream(sock, handshake, lambda: open_servers.pop(address, None))
+            stream = EarlyStream(sock, OPEN_GREETING, _keyless_handshake,
+                                 lambda: open_servers.pop(address, None))
         elif ssl_context is not None:
             stream = TLSStream(sock)
         else:
@@ -683,6 +683,12 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         return connection
 
     return RemoteObject(f'tcp:{address}:{name}', name, connect, timeout)
+
+
+def _keyless_handshake():
+    handshake = ClientHandshake(None)
+    handshake.initial()
+    return handshake
 
 
 def _remember_open(open_servers, address):
