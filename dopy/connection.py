@@ -223,6 +223,8 @@ class Connection:
                         break
                     self._handle(frame)
         except CallTimeoutError:
+            if self._closed:
+                raise  # connecting timed out: the greeting never came (streams.EarlyStream)
             raise self._timed_out(name, method, timeout) from None
         finally:
             self._give_up_reading()

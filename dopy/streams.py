@@ -19,10 +19,12 @@ go of the GIL.  ``local_ip()`` is the IP address of this end, or None
 (pipes have none).
 """
 
+import math
 import os
 import select
 import socket
 import ssl
+import time
 
 __all__ = ['SocketStream', 'EarlyStream', 'TLSStream', 'PipeStream']
 
@@ -115,20 +117,25 @@ class EarlyStream(SocketStream):
 
     ``greeting`` is the greeting expected, as bytes.  Reading takes no more
     bytes than it has, so that no frame is taken for it; once it has come,
-    frames pass.  Bytes that differ from it go to ``make_handshake()``, a
-    started ``dopy.auth.ClientHandshake``, for the error they make
-    (``AuthenticationError`` or ``ProtocolError``; a refusal's message is
-    read in full first), which the read raises after calling
-    ``on_failure()``.
+    frames pass.  ``early`` is the transport's side of it:
+
+    - ``early.handshake()``: a started ``dopy.auth.ClientHandshake``, fed
+      the bytes that differ from ``greeting`` for the error they make
+      (``AuthenticationError`` or ``ProtocolError``; a refusal's message is
+      read in full first), which the read raises;
+    - ``early.failed()``: called before that, or when the server closes
+      before it has greeted;
+    - ``early.deadline``: a ``time.monotonic()`` time, the connect
+      deadline, past which ``recv_wait`` no longer waits for the greeting
+      and raises ``early.timed_out()`` (which calls ``failed()`` too).
     """
 
-    def __init__(self, sock, greeting, make_handshake, on_failure):
+    def __init__(self, sock, greeting, early):
         super().__init__(sock)
         self._expected = greeting
         self._seen = b''
-        self._make_handshake = make_handshake
+        self._early = early
         self._handshake = None
-        self._on_failure = on_failure
         self._greeted = False
         self.recv_wait = self._recv_wait_greeted
 
@@ -139,7 +146,17 @@ class EarlyStream(SocketStream):
 
     def _recv_wait_greeted(self, buffer):
         if not self._greeted:
-            self._greet(0)
+            # A reader with no deadline of its own: connecting still has one.
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            while not self._greeted:
+                remaining = self._early.deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+                    raise self._early.timed_out()
+                try:
+                    self._greet(_DONTWAIT)
+                except BlockingIOError:
+                    pass
         return self.sock.recv_into(buffer)
 
     def _greet(self, flags):
@@ -151,8 +168,8 @@ class EarlyStream(SocketStream):
                 wanted = handshake.wanted
             data = self.sock.recv(wanted, flags)
             if not data:
-                self._on_failure()
-                return  # the read that follows finds the end of the stream
+                self._early.failed()
+                break  # the read that follows finds the end of the stream
             if handshake is None:
                 seen = self._seen + data
                 if seen == self._expected:
@@ -160,12 +177,12 @@ class EarlyStream(SocketStream):
                 if self._expected.startswith(seen):
                     self._seen = seen
                     continue
-                handshake = self._handshake = self._make_handshake()
+                handshake = self._handshake = self._early.handshake()
                 data = seen
             try:
                 handshake.feed(data)
             except Exception:
-                self._on_failure()
+                self._early.failed()
                 raise
             if handshake.done:
                 break

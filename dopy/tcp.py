@@ -14,9 +14,9 @@ brackets: ``tcp:[::1]:9600:myObject``.
 Every connection starts with the handshake of ``dopy.auth``, before any
 pickle in either direction: with an ``authkey``, mutual HMAC
 authentication; without one, a server answers only loopback peers
-(protected mode) unless it was made ``insecure``.  A keyless plain client
-sends its first call to a server its hub has met without a key at once,
-and reads the greeting before the reply.  A server over its
+(protected mode) unless it was made ``insecure``.  A keyless plain client of a
+threaded hub sends its first call to a server the hub has met without a
+key at once, and reads the greeting before the reply.  A server over its
 ``max_connections`` refuses new peers the same way, and goes on serving
 the others.  With an ``ssl_context`` the connection is TLS first, and the
 handshake runs inside it; a server whose context requires client
@@ -98,7 +98,7 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_contex
     default, lets a call wait as long as it takes, while connecting is still
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
     that is down raises ``CommunicationError`` here; a keyless plain client
-    whose hub has met this server without a key does not wait for its
+    whose threaded hub has met this server without a key does not wait for its
     greeting, which the first call reads (and raises for, if it refuses).  ``authkey`` (bytes;
     the hub's by default) is the key the server must share; a client with a
     key refuses a server that does not authenticate.  ``ssl_context`` (an
@@ -653,8 +653,11 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         _tune(sock)
         # A keyless plain client has nothing to say in the handshake: to a
         # server that greeted it OPEN before, it sends its first call at once
-        # and reads the greeting before the reply, saving a round trip.
-        early = authkey is None and ssl_context is None and address in open_servers
+        # and reads the greeting before the reply, saving a round trip.  Not
+        # in THRD_NONE, whose loop would wait for a greeting without the
+        # connect deadline.
+        early = (authkey is None and ssl_context is None and address in open_servers
+                 and hub.threaded)
         try:
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host,
@@ -666,8 +669,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
             sock.close()
             raise
         if early:
-            stream = EarlyStream(sock, OPEN_GREETING, _keyless_handshake,
-                                 lambda: open_servers.pop(address, None))
+            stream = EarlyStream(sock, OPEN_GREETING, _Early(open_servers, address, deadline))
         elif ssl_context is not None:
             stream = TLSStream(sock)
         else:
@@ -685,10 +687,28 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
     return RemoteObject(f'tcp:{address}:{name}', name, connect, timeout)
 
 
-def _keyless_handshake():
-    handshake = ClientHandshake(None)
-    handshake.initial()
-    return handshake
+class _Early:
+    """What an ``EarlyStream`` asks of the transport: a handshake to explain an unexpected greeting, and what to forget."""
+
+    __slots__ = ('open_servers', 'address', 'deadline')
+
+    def __init__(self, open_servers, address, deadline):
+        self.open_servers = open_servers
+        self.address = address
+        self.deadline = deadline
+
+    def handshake(self):
+        handshake = ClientHandshake(None)
+        handshake.initial()
+        return handshake
+
+    def failed(self):
+        # The next connection waits for the greeting, and remote() reports what it says.
+        self.open_servers.pop(self.address, None)
+
+    def timed_out(self):
+        self.failed()
+        return CallTimeoutError(f'connecting to {self.address}: timed out waiting for the greeting')
 
 
 def _remember_open(open_servers, address):

@@ -3,6 +3,8 @@
 import secrets
 import socket
 import threading
+import time
+from unittest import mock
 
 import dopy
 import dopy.tcp
@@ -99,7 +101,7 @@ class ScriptedServer:
             raise self.failure
 
 
-@each_mode()
+@each_mode(modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
 class EarlyCalls(HubCase):
     def remote(self, server, **kwargs):
         proxy = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT,
@@ -196,3 +198,38 @@ class EarlyCalls(HubCase):
         proxies = [self.proxy() for _ in range(3)]
         self.assertEqual([p.echo(i) for i, p in enumerate(proxies, 1)], [1, 2, 3])
         self.assertEqual(self.server.peer_count(), 4)
+
+    def test_a_server_met_open_that_never_greets_fails_the_first_call_at_the_connect_timeout(self):
+        def silent(sock):
+            read_call(sock)
+            until_closed(sock)
+
+        server = ScriptedServer(self, greet_then_echo, silent, greet_then_echo, silent, until_closed)
+        with mock.patch.object(dopy.tcp, 'DEFAULT_CONNECT_TIMEOUT', 0.3):
+            for start_call in (lambda p: p.echo(2), lambda p: p.echo.future(2).result(TIMEOUT)):
+                # Met (again: the silence made the hub forget the server), then silent.
+                with dopy.tcp.remote('127.0.0.1', server.port, 'obj', hub=self.client_hub) as met:
+                    self.assertEqual(met.echo(1), 1)
+                with dopy.tcp.remote('127.0.0.1', server.port, 'obj', hub=self.client_hub) as known:
+                    start = time.monotonic()
+                    with self.assertRaisesRegex(dopy.CallTimeoutError, 'timed out waiting for the greeting'):
+                        start_call(known)
+                    self.assertLess(time.monotonic() - start, TIMEOUT)
+            with self.assertRaises(dopy.CallTimeoutError):
+                dopy.tcp.remote('127.0.0.1', server.port, 'obj', hub=self.client_hub)
+
+
+class NoEarlyCallsWithoutThreads(HubCase):
+    thread_mode = dopy.THRD_NONE
+
+    def test_a_hub_without_threads_waits_for_the_greeting_of_a_server_it_knows(self):
+        def greet_auth_and_wait(sock):
+            sock.sendall(auth_greeting())
+            until_closed(sock)
+
+        server = ScriptedServer(self, greet_then_echo, greet_auth_and_wait)
+        with dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT,
+                             hub=self.client_hub) as met:
+            self.assertEqual(met.echo(1), 1)
+        with self.assertRaisesRegex(dopy.AuthenticationError, 'requires an authkey'):
+            dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
