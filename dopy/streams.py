@@ -146,18 +146,25 @@ class EarlyStream(SocketStream):
 
     def _recv_wait_greeted(self, buffer):
         if not self._greeted:
-            # A reader with no deadline of its own: connecting still has one.
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLIN)
-            while not self._greeted:
-                remaining = self._early.deadline - time.monotonic()
-                if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
-                    raise self._early.timed_out()
-                try:
-                    self._greet(_DONTWAIT)
-                except BlockingIOError:
-                    pass
+            try:
+                # Usually here already: the server greets as it accepts.
+                self._greet(_DONTWAIT)
+            except BlockingIOError:
+                self._await_greeting()
         return self.sock.recv_into(buffer)
+
+    def _await_greeting(self):
+        # A reader with no deadline of its own: connecting still has one.
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while not self._greeted:
+            remaining = self._early.deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+                raise self._early.timed_out()
+            try:
+                self._greet(_DONTWAIT)
+            except BlockingIOError:
+                pass
 
     def _greet(self, flags):
         while True:
