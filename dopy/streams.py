@@ -19,12 +19,10 @@ go of the GIL.  ``local_ip()`` is the IP address of this end, or None
 (pipes have none).
 """
 
-import math
 import os
 import select
 import socket
 import ssl
-import time
 
 __all__ = ['SocketStream', 'EarlyStream', 'TLSStream', 'PipeStream']
 
@@ -125,9 +123,9 @@ class EarlyStream(SocketStream):
       read in full first), which the read raises;
     - ``early.failed()``: called before that, or when the server closes
       before it has greeted;
-    - ``early.deadline``: a ``time.monotonic()`` time, the connect
-      deadline, past which ``recv_wait`` no longer waits for the greeting
-      and raises ``early.timed_out()`` (which calls ``failed()`` too).
+    - ``early.wait_for_greeting(sock)``: how ``recv_wait``, a reader with
+      no deadline of its own, waits for the greeting: until the socket is
+      readable, or ``CallTimeoutError`` at the connect deadline.
     """
 
     def __init__(self, sock, greeting, early):
@@ -154,13 +152,8 @@ class EarlyStream(SocketStream):
         return self.sock.recv_into(buffer)
 
     def _await_greeting(self):
-        # A reader with no deadline of its own: connecting still has one.
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
         while not self._greeted:
-            remaining = self._early.deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
-                raise self._early.timed_out()
+            self._early.wait_for_greeting(self.sock)
             try:
                 self._greet(_DONTWAIT)
             except BlockingIOError:

@@ -706,9 +706,14 @@ class _Early:
         # The next connection waits for the greeting, and remote() reports what it says.
         self.open_servers.pop(self.address, None)
 
-    def timed_out(self):
-        self.failed()
-        return CallTimeoutError(f'connecting to {self.address}: timed out waiting for the greeting')
+    def wait_for_greeting(self, sock):
+        # A reader with no deadline of its own: connecting still has one.
+        try:
+            wait_for_socket(sock, select.POLLIN, self.deadline, f'connecting to {self.address}')
+        except CallTimeoutError as exc:
+            self.failed()
+            raise CallTimeoutError(
+                f'connecting to {self.address}: timed out waiting for the greeting') from exc
 
 
 def _remember_open(open_servers, address):
