@@ -65,6 +65,7 @@ log = logging.getLogger('dopy.connection')
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
+_PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
 
 
@@ -277,10 +278,13 @@ class Connection:
 
     def _send_call(self, kind, waiter, args, kwargs, deadline, name, method):
         request_id = next(self._ids)
+        plain = not kwargs
         for arg in args:
-            if type(arg) in wire.OUT_OF_BAND_TYPES:
-                args = tuple(map(wire.out_of_band, args))
-                break
+            if type(arg) not in _PLAIN_TYPES:
+                plain = False
+                if type(arg) in wire.OUT_OF_BAND_TYPES:
+                    args = tuple(map(wire.out_of_band, args))
+                    break
         if kwargs:
             kwargs = {k: wire.out_of_band(v) for k, v in kwargs.items()}
         state = proxy.wire_state
@@ -289,7 +293,7 @@ class Connection:
         with self._send_lock:
             saved, state.connection = state.connection, self
             try:
-                segments = wire.message_segments(kind, request_id, (name, method, args, kwargs))
+                segments = wire.message_segments(kind, request_id, (name, method, args, kwargs), plain)
             except Exception as exc:
                 raise SerializationError(
                     f'the arguments of {name}.{method}() could not be pickled on the client: '
@@ -551,7 +555,8 @@ class Connection:
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            return pickle.loads(data, buffers=buffers)
+            # The keyword costs more than the unpickling of a small call.
+            return pickle.loads(data, buffers=buffers) if buffers else pickle.loads(data)
         finally:
             state.connection = saved
 
@@ -560,7 +565,8 @@ class Connection:
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            value = pickle.loads(frame.data, buffers=frame.buffers)
+            buffers = frame.buffers
+            value = pickle.loads(frame.data, buffers=buffers) if buffers else pickle.loads(frame.data)
         except Exception as exc:
             what = 'result' if frame.kind == wire.REPLY else 'exception'
             error = SerializationError(

@@ -30,6 +30,11 @@ _MISSING = object()
 CONTAINER_METHODS = frozenset(
     ('__len__', '__contains__', '__getitem__', '__setitem__', '__delitem__', '__iter__'))
 
+# Method names already found public, so that a call's name is checked by
+# one set lookup.  Bounded: a peer sending made-up names cannot grow it.
+_public_names = set()
+_MAX_PUBLIC_NAMES = 4096
+
 
 def check_method_name(name):
     """Raise ``NoSuchMethodError`` unless ``name`` may be dispatched."""
@@ -45,8 +50,10 @@ def resolve(obj, name, exposed=None):
 
     ``exposed``, when not None, is the set of the only names that may be called.
     """
-    if not (isinstance(name, str) and name.isidentifier() and not name.startswith('_')):
+    if type(name) is not str or name not in _public_names:
         check_method_name(name)
+        if name not in CONTAINER_METHODS and len(_public_names) < _MAX_PUBLIC_NAMES:
+            _public_names.add(name)
     if exposed is not None and name not in exposed:
         raise NoSuchMethodError(f'{name!r} is not among the methods this object exposes')
     if name in CONTAINER_METHODS:

@@ -32,6 +32,8 @@ _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # The first byte of Linux's struct tcp_info is the connection's state; it
 # stays ESTABLISHED until the peer's FIN (CLOSE_WAIT) or RST (CLOSE) comes.
 _TCP_INFO = getattr(socket, 'TCP_INFO', None)
+# A module global: the hang-up check before every call looks it up.
+_IPPROTO_TCP = socket.IPPROTO_TCP
 _ESTABLISHED = 1
 
 
@@ -46,7 +48,7 @@ def _tcp_state_readable(sock):
     known = _tcp_state_known.get(sock.family)
     if known is None:
         try:
-            known = len(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)) == 1
+            known = len(sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)) == 1
         except OSError:
             known = False
         _tcp_state_known[sock.family] = known
@@ -94,7 +96,7 @@ class SocketStream:
     def peer_closed(self):
         """True if the peer has hung up, found without consuming anything."""
         if self._tcp_state:
-            return self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
+            return self.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
         try:
             return not self.sock.recv(1, _PEEK)
         except BlockingIOError:
@@ -229,7 +231,7 @@ class TLSStream:
 
     def peer_closed(self):
         """True if the peer has hung up, from the TCP state; where that is unknown, taken as no (TLS cannot peek)."""
-        return self._tcp_state and self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
+        return self._tcp_state and self.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
 
     def shutdown(self):
         try:

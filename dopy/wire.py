@@ -48,6 +48,7 @@ from .errors import MessageTooLargeError, ProtocolError
 __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
     'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band', 'OUT_OF_BAND_TYPES',
+    'PLAIN_TYPES',
     'frame_segments', 'message_segments', 'encode',
 ]
 
@@ -134,6 +135,8 @@ def _rebuild_view(buffer, format, shape):
 
 # The only types ``out_of_band`` wraps: a caller may skip it for any other.
 OUT_OF_BAND_TYPES = frozenset((bytes, bytearray, memoryview))
+# Types whose values pickle whole, with no buffer that could go out of band.
+PLAIN_TYPES = frozenset((int, float, str, bool, type(None)))
 
 
 def out_of_band(value):
@@ -192,14 +195,21 @@ def frame_segments(kind, request_id, data, buffers=()):
     return [head + table + data, *raws]
 
 
-def message_segments(kind, request_id, obj):
+def message_segments(kind, request_id, obj, plain=False):
     """Pickle ``obj`` and frame it: the segments, as ``frame_segments`` gives them.
 
     Raises whatever pickling raises.  Every message's path: a small
-    message is pickled and framed here in one step.
+    message is pickled and framed here in one step.  ``plain`` says that
+    the caller has found nothing in ``obj`` that could go out of band (a
+    value of ``PLAIN_TYPES`` is found so here).
     """
-    buffers = _Buffers()
-    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large)
+    if plain or type(obj) in PLAIN_TYPES:
+        # No buffer callback: a third of the cost of a small pickle.
+        data = pickle.dumps(obj, 5)
+        buffers = None
+    else:
+        buffers = _Buffers()
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large)
     if buffers or kind not in KINDS or not 0 <= request_id <= _MAX_REQUEST_ID:
         return frame_segments(kind, request_id, data, buffers)
     return [HEADER.pack(MAGIC, VERSION, kind, 0, request_id, len(data)) + data]

@@ -88,6 +88,30 @@ class NamePolicy(unittest.TestCase):
         with self.assertRaisesRegex(NoSuchMethodError, 'nope'):
             dispatch.resolve(Target(), 'nope')
 
+    def test_a_name_once_found_public_is_still_checked_against_each_object(self):
+        self.assertEqual(dispatch.resolve(Target(), 'add')(1, 2), 3)
+
+        class Other:
+            add = 'data'
+
+        with self.assertRaisesRegex(NoSuchMethodError, 'data attribute'):
+            dispatch.resolve(Other(), 'add')
+        with self.assertRaisesRegex(NoSuchMethodError, 'exposes'):
+            dispatch.resolve(Target(), 'add', frozenset({'fail'}))
+
+    def test_refused_names_stay_refused_however_often_they_come(self):
+        for _ in range(3):
+            for name in ('_private', '__class__', 'a.b', '', None, 3, ['add']):
+                with self.subTest(name=name), self.assertRaises(NoSuchMethodError):
+                    dispatch.resolve(Target(), name)
+
+    def test_made_up_names_do_not_grow_the_cache_without_bound(self):
+        for i in range(dispatch._MAX_PUBLIC_NAMES + 100):
+            with self.assertRaises(NoSuchMethodError):
+                dispatch.resolve(Target(), f'made_up_{i}')
+        self.assertLessEqual(len(dispatch._public_names), dispatch._MAX_PUBLIC_NAMES)
+        self.assertEqual(dispatch.resolve(Target(), 'add')(2, 3), 5)
+
 
 class Replies(unittest.TestCase):
     def test_result_reply_keeps_the_request_id(self):

@@ -53,6 +53,31 @@ class FrameLayout(unittest.TestCase):
         self.assertEqual(len(segments), 2)
         self.assertEqual(bytes(segments[1]), payload)
 
+    def test_plain_values_frame_as_with_the_buffer_callback(self):
+        for value in (42, 2 ** 70, -1.5, 'text', True, None):
+            with self.subTest(value=value):
+                data, buffers = wire.dumps(value)
+                self.assertEqual(wire.message_segments(wire.REPLY, 3, value),
+                                 wire.frame_segments(wire.REPLY, 3, data, buffers))
+        message = ('o', 'm', (1, 'two', None), {})
+        data, buffers = wire.dumps(message)
+        self.assertEqual(wire.message_segments(wire.CALL, 4, message, plain=True),
+                         wire.frame_segments(wire.CALL, 4, data, buffers))
+
+    def test_values_that_are_not_plain_still_send_large_buffers_out_of_band(self):
+        payload = bytearray(wire.OUT_OF_BAND_THRESHOLD)
+        for value in (pickle.PickleBuffer(payload), [wire.out_of_band(payload)]):
+            with self.subTest(type=type(value).__name__):
+                segments = wire.message_segments(wire.REPLY, 5, value)
+                self.assertEqual(len(segments), 2)
+                self.assertEqual(len(segments[1]), len(payload))
+
+    def test_plain_framing_still_rejects_bad_kind_and_request_id(self):
+        with self.assertRaises(ValueError):
+            wire.message_segments(99, 1, 42)
+        with self.assertRaises(ValueError):
+            wire.message_segments(wire.REPLY, 2 ** 64, 'x', plain=True)
+
     def test_rejects_bad_kind_and_request_id_when_encoding(self):
         with self.assertRaises(ValueError):
             wire.frame_segments(99, 1, b'')
