@@ -41,7 +41,6 @@ import functools
 import itertools
 import logging
 import math
-import pickle
 import select
 import socket
 import threading
@@ -280,9 +279,10 @@ class Connection:
         request_id = next(self._ids)
         plain = not kwargs
         for arg in args:
-            if type(arg) not in _PLAIN_TYPES:
+            arg_type = type(arg)
+            if arg_type not in _PLAIN_TYPES:
                 plain = False
-                if type(arg) in wire.OUT_OF_BAND_TYPES:
+                if arg_type in wire.OUT_OF_BAND_TYPES:
                     args = tuple(map(wire.out_of_band, args))
                     break
         if kwargs:
@@ -555,8 +555,7 @@ class Connection:
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            # The keyword costs more than the unpickling of a small call.
-            return pickle.loads(data, buffers=buffers) if buffers else pickle.loads(data)
+            return wire.loads(data, buffers)
         finally:
             state.connection = saved
 
@@ -565,8 +564,7 @@ class Connection:
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
-            buffers = frame.buffers
-            value = pickle.loads(frame.data, buffers=buffers) if buffers else pickle.loads(frame.data)
+            value = wire.loads(frame.data, frame.buffers)
         except Exception as exc:
             what = 'result' if frame.kind == wire.REPLY else 'exception'
             error = SerializationError(
