@@ -2,7 +2,9 @@
 
 Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
 a socket or a pair of pipes); a server's and a client's differ only in who
-reads.  A server runs ``serve()`` in the connection's own thread.
+reads.  A threaded TCP server has its loop read (``serve_in``: see
+``dopy.serveloop``), and ``on_ready`` reads and handles what came, in the
+loop's thread; other servers run ``serve()`` in a thread of the connection's own.
 A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
@@ -51,6 +53,7 @@ from concurrent.futures import Future
 from threading import get_ident
 
 from . import dispatch, proxy, remote_exc, wire
+from .serveloop import step_aside
 from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
@@ -141,6 +144,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._reader = None
         self._reader_thread = None
+        self._serve_loop = None
         self._serving = False
         self._refs_lock = threading.Lock()
         self._exports = {}
@@ -321,6 +325,57 @@ class Connection:
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
         self._reader_thread.start()
 
+    def serve_in(self, loop):
+        """Have ``loop`` (a ``dopy.serveloop.ServeLoop``) read this connection and serve the peer's calls.
+
+        Returns False, having served nothing, if the connection is closed.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._reader_thread = self._serve_loop = loop
+            self._serving = True
+            self._recv_wait = None
+        # Bytes TLS decrypted during the handshake do not show on the descriptor.
+        if self._stream.pending() and not self.on_ready():
+            return False
+        with self._lock:
+            # Added under the lock that _shutdown closes under: a connection
+            # closing meanwhile is never added after its removal.
+            if self._closed:
+                return False
+            loop.add(self._stream.read_fd, self)
+        return True
+
+    def on_ready(self):
+        """The loop saw the stream readable: read once, and handle every whole frame, in this thread.
+
+        Returns False once the connection is closed, True to be read again.
+        """
+        with self._lock:
+            if self._closed or self._reader is not None:
+                return False
+            self._reader = get_ident()
+        try:
+            receive = self._stream.recv_into
+            frame = self._receive(receive)
+            while True:
+                while frame is not None and not self._closed:
+                    self._handle(frame)
+                    frame = self._decoder.next_frame()
+                # A large frame in progress reads on while the socket has
+                # more; TLS may hold bytes the descriptor does not show.
+                if self._closed or not (self._decoder.pending or self._stream.pending()):
+                    break
+                frame = self._receive(receive)
+        except BlockingIOError:
+            pass
+        except Exception as exc:
+            self._ended(exc)
+        finally:
+            self._give_up_reading()
+        return not self._closed
+
     def serve(self):
         """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
         with self._lock:
@@ -377,22 +432,11 @@ class Connection:
         if self._closed:
             return
         try:
-            frame = self._decoder.receive(self._stream.recv_into)
+            frame = self._receive(self._stream.recv_into)
         except BlockingIOError:
             frame = None  # read already by a nested turn of the loop
-        except EOFError:
-            self._ended(self._lost(None))
-            return
-        except ProtocolError as exc:
-            self._refuse(exc)
+        except Exception as exc:
             self._ended(exc)
-            return
-        except CommunicationError as exc:
-            self._shutdown(exc)
-            self._ended(exc)
-            return
-        except OSError as exc:
-            self._ended(self._lost(exc))
             return
         try:
             self._handle_ready(frame)
@@ -449,7 +493,8 @@ class Connection:
         """
         self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
         thread = self._reader_thread
-        if thread is not None and thread is not threading.current_thread():
+        # A server's loop (serve_in) has its threads joined by its server.
+        if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
             thread.join(timeout)
 
     def lookup(self, name):
@@ -696,29 +741,37 @@ class Connection:
             if frame is not None:
                 return frame
             if deadline is None and self._recv_wait is not None:
+                step_aside()
                 receive = self._recv_wait
             else:
                 receive = self._stream.recv_into
                 if not self._stream.pending():
                     self._wait(self._read_poll, deadline)
             try:
-                frame = decoder.receive(receive)
+                frame = self._receive(receive)
             except BlockingIOError:
                 continue
-            except EOFError:
-                raise self._lost(None) from None
-            except ProtocolError as exc:
-                self._refuse(exc)
-                raise
-            except CommunicationError as exc:
-                # The greeting of a server that frames were sent to early
-                # (streams.EarlyStream) refused them: every call hears why.
-                self._shutdown(exc)
-                raise
-            except OSError as exc:
-                raise self._lost(exc)
             if frame is not None:
                 return frame
+
+    def _receive(self, receive):
+        """``decoder.receive(receive)``: the next whole frame or None, with errors translated (BlockingIOError passes)."""
+        try:
+            return self._decoder.receive(receive)
+        except BlockingIOError:
+            raise
+        except EOFError:
+            raise self._lost(None) from None
+        except ProtocolError as exc:
+            self._refuse(exc)
+            raise
+        except CommunicationError as exc:
+            # The greeting of a server that frames were sent to early
+            # (streams.EarlyStream) refused them: every call hears why.
+            self._shutdown(exc)
+            raise
+        except OSError as exc:
+            raise self._lost(exc)
 
     def _send(self, segments, deadline):
         """Send a frame's segments, and any RELEASE due; the caller holds the send lock."""
@@ -780,6 +833,7 @@ class Connection:
             self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
+        step_aside()
         wait_ready(poller, deadline, f'waiting for {self.peer}')
 
     def _lost(self, cause):
@@ -815,6 +869,8 @@ class Connection:
             self._imports.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
+        elif self._serve_loop is not None:
+            self._serve_loop.remove(self._stream.read_fd)
         if reading:
             # Wakes the thread blocked reading this stream; it closes the
             # stream once no thread can be using its descriptors.
@@ -827,6 +883,7 @@ class Connection:
     def _sleep(self, deadline):
         """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
         remaining = _remaining(deadline)
+        step_aside()
         if self._cond is None:
             self._cond = threading.Condition(self._lock)
         self._sleepers += 1

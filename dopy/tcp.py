@@ -1,10 +1,14 @@
 """The TCP transport: ``makeServer`` to serve a hub's objects, ``remote`` to call them.
 
-In the threaded modes a server has an accept thread and one thread per
-connection, which reads that connection's calls (and, in THRD_CONN, runs
-them one after another); when the peer leaves, the thread waits for the
-next peer, up to eight of them idle (``dopy.pool``).  In THRD_NONE the
-hub's loop accepts and reads.
+In the threaded modes a server has an accept thread, and its connections
+are read by its loop (``dopy.serveloop``): one thread at a time waits for
+all of them, and reads and runs each call that comes (in THRD_FUNC, hands
+it to the hub's pool), one at a time per connection; a call that takes
+long has another thread take over the waiting.  An idle connection has no
+thread.  A handshake that must wait for the peer runs on a thread of a
+pool (``dopy.pool``), up to eight of them kept idle.  Where the system has
+no epoll, each connection has such a thread, which reads it and (in
+THRD_CONN) runs its calls.  In THRD_NONE the hub's loop accepts and reads.
 A client connection has no thread of its own (see ``dopy.connection``).  Every socket has
 ``TCP_NODELAY``, so a small message leaves at once, and ``SO_KEEPALIVE``.
 
@@ -44,6 +48,8 @@ from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .pool import Pool
+from .serveloop import AVAILABLE as _LOOP_AVAILABLE
+from .serveloop import ServeLoop
 from .proxy import RemoteObject
 from .streams import EarlyStream, SocketStream, TLSStream
 
@@ -139,9 +145,12 @@ class TCPServer:
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._peers = set()
-        # A connection's thread, its peer gone, waits for the next one:
-        # starting a thread costs more than the rest of accepting a peer.
+        # Threads for the handshakes that cannot be done at once (and, without
+        # epoll, for each connection), kept for the next peers: starting a
+        # thread costs more than the rest of accepting a peer.
         self._threads = Pool(None, f'dopy-conn-{self.port}', max_idle=_MAX_IDLE_THREADS)
+        self._loop = (ServeLoop(f'dopy-serve-{self.port}', _MAX_IDLE_THREADS)
+                      if hub.threaded and _LOOP_AVAILABLE else None)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         try:
@@ -194,6 +203,8 @@ class TCPServer:
         for peer in peers:
             peer.close()
         self._threads.shutdown(max(0.0, deadline - time.monotonic()))
+        if self._loop is not None:
+            self._loop.close(max(0.0, deadline - time.monotonic()))
         self.hub._remove_server(self)
         if self._accept_thread is None or not self._accept_thread.is_alive():
             self._close_fds()
@@ -205,8 +216,9 @@ class TCPServer:
             return len(self._peers)
 
     def idle_threads(self):
-        """How many of this server's threads wait for the next peer (at most 8)."""
-        return self._threads.idle_count()
+        """How many of this server's threads wait for work: to serve, or for the next peer's handshake."""
+        idle = self._threads.idle_count()
+        return idle if self._loop is None else idle + self._loop.idle_count()
 
     def connections(self):
         """The connections this server is serving now."""
@@ -270,17 +282,22 @@ class TCPServer:
                 sock.close()
                 return
             refusal = self._refusal(address[0])
+            greeted = None
             if self.hub.threaded:
                 greeted = self._greet_early(peer) if refusal is None else None
                 if greeted is False:
                     sock.close()
                     return
-                # Under the lock: close() never misses a peer's thread.
-                self._threads.submit(lambda: self._serve(peer, refusal, greeted))
+                if greeted is None or not greeted.done or self._loop is None:
+                    # Under the lock: close() never misses a peer's thread.
+                    self._threads.submit(lambda: self._serve(peer, refusal, greeted))
             self._peers.add(peer)
         log.debug('accepted %s', peer.name)
         if not self.hub.threaded:
             self._handshake_in_loop(peer, refusal)
+        elif greeted is not None and greeted.done and self._loop is not None:
+            # An OPEN greeting sent, nothing to hear back: served at once, no thread woken.
+            self._serve_in_loop(peer)
 
     def _greet_early(self, peer):
         """Send a plain connection's greeting from the accepting thread, so that the
@@ -317,7 +334,6 @@ class TCPServer:
         return None
 
     def _serve(self, peer, refusal, greeted=None):
-        threading.current_thread().name = f'dopy-conn-{peer.name}'
         deadline = time.monotonic() + self.handshake_timeout
         if self.ssl_context is not None:
             try:
@@ -336,8 +352,15 @@ class TCPServer:
             peer.sock.close()
             self.forget(peer)
             return
-        if self._connect(peer):
+        if self._loop is not None:
+            self._serve_in_loop(peer)
+        elif self._connect(peer):
+            threading.current_thread().name = f'dopy-conn-{peer.name}'
             peer.connection.serve()
+
+    def _serve_in_loop(self, peer):
+        if self._connect(peer):
+            peer.connection.serve_in(self._loop)
 
     def _handshake_in_loop(self, peer, refusal):
         """THRD_NONE: the handshakes, driven by the loop, so that a slow peer stalls no one."""
