@@ -23,7 +23,11 @@ handler is done.  It steps aside:
   its ticks, ``_TICK`` seconds apart: a method that computes, or blocks
   outside DOPY, holds up the other connections for 2 to 4 ms, about as long
   as the GIL's own switch interval (5 ms) would.  The watchdog ticks only
-  while handlers run: after a tick with none, it sleeps until the next.
+  while handlers run: after a tick with none, it sleeps until the next;
+- before it runs the handler of a descriptor whose handler the watchdog
+  saw overrun last time, until one of its runs takes less than a tick: a
+  connection whose calls are slow holds up no one, at the price of a
+  wake-up per call, as a thread per connection would cost.
 
 Threads that wait to lead are kept, up to ``max_idle``; the others end.
 Every thread is the loop's, and ``close()`` joins them.  This needs
@@ -74,7 +78,10 @@ class ServeLoop:
         self._watch = threading.Condition(self._lock)
         self._leader = None
         self._running = False
+        self._running_fd = None
         self._turn = 0
+        # Descriptors whose handler the watchdog last saw overrun.
+        self._slow = set()
         self._watch_asleep = False
         self._idle = 0
         self._threads = set()
@@ -107,6 +114,7 @@ class ServeLoop:
         """Stop reading ``fd``; called before it is closed."""
         with self._lock:
             self._handlers.pop(fd, None)
+            self._slow.discard(fd)
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):
@@ -187,8 +195,8 @@ class ServeLoop:
         """Wait for descriptors and handle them until this thread steps aside (True) or the loop closes (False)."""
         ready = self._ready
         handlers = self._handlers
+        slow = self._slow
         poll = self._epoll.poll
-        rearm = self._epoll.modify
         while True:
             if not ready:
                 try:
@@ -204,27 +212,40 @@ class ServeLoop:
             handler = handlers.get(fd)
             if handler is None:
                 continue  # the wake-up pipe, or removed meanwhile
+            if fd in slow:
+                # Its handler overran last time: a follower leads before it
+                # runs, rather than once the watchdog sees it overrun again.
+                self._step_aside(me)
+                started = time.monotonic()
+                self._run(fd, handler)
+                if time.monotonic() - started < _TICK:
+                    slow.discard(fd)
+                return True
             self._turn += 1
+            self._running_fd = fd
             self._running = True
             if self._watch_asleep:
                 with self._lock:
                     self._watch.notify()
             _leading[me] = self
-            try:
-                go_on = handler.on_ready()
-            except Exception:
-                log.exception('%s failed handling a ready connection', threading.current_thread().name)
-                go_on = False
+            self._run(fd, handler)
             _leading.pop(me, None)
-            if go_on:
-                try:
-                    rearm(fd, _ONESHOT)
-                except OSError:
-                    pass  # removed and closed meanwhile
             with self._lock:
                 if self._leader != me:
                     return True
                 self._running = False
+
+    def _run(self, fd, handler):
+        try:
+            go_on = handler.on_ready()
+        except Exception:
+            log.exception('%s failed handling a ready connection', threading.current_thread().name)
+            go_on = False
+        if go_on:
+            try:
+                self._epoll.modify(fd, _ONESHOT)
+            except OSError:
+                pass  # removed and closed meanwhile
 
     def _step_aside(self, me):
         with self._lock:
@@ -255,4 +276,5 @@ class ServeLoop:
                 seen = self._turn
                 self._watch.wait(_TICK)
                 if self._running and self._turn == seen:
+                    self._slow.add(self._running_fd)
                     self._hand_over(self._leader)

@@ -131,6 +131,47 @@ class Loop(Case):
         self.assertTrue(second.wait(TIMEOUT))
         release.set()
 
+    def test_a_descriptor_whose_handler_overran_is_run_by_a_thread_that_no_longer_leads(self):
+        gates = [threading.Event() for _ in range(3)]
+        entered = threading.Semaphore(0)
+        runs = []
+        second = threading.Event()
+
+        def on_data(data):
+            runs.append(data)
+            entered.release()
+            gates[min(len(runs), 3) - 1].wait(TIMEOUT)
+
+        slow = self.pipe(on_data)
+        fast = self.pipe(lambda data: second.set())
+        os.write(slow, b'1')
+        self.assertTrue(entered.acquire(timeout=TIMEOUT))
+        os.write(fast, b'x')
+        self.assertTrue(second.wait(TIMEOUT))  # the watchdog handed over
+        gates[0].set()
+        # From now on the watchdog never hands over: only the handler's record can.
+        patcher = mock.patch('dopy.serveloop._TICK', NEVER)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        second.clear()
+        os.write(slow, b'2')
+        self.assertTrue(entered.acquire(timeout=TIMEOUT))
+        os.write(fast, b'y')
+        self.assertTrue(second.wait(TIMEOUT))
+        gates[1].set()
+        # A quick run clears the record: the next run, if slow, holds the lead again.
+        gates[2].set()
+        os.write(slow, b'3')
+        self.assertTrue(entered.acquire(timeout=TIMEOUT))
+        gates[2].clear()
+        second.clear()
+        os.write(slow, b'4')
+        self.assertTrue(entered.acquire(timeout=TIMEOUT))
+        os.write(fast, b'z')
+        self.assertFalse(second.wait(0.2))
+        gates[2].set()
+        self.assertTrue(second.wait(TIMEOUT))
+
     def test_step_aside_outside_a_handler_does_nothing(self):
         serveloop.step_aside()
         done = threading.Event()
@@ -312,6 +353,27 @@ class ServedByTheLoop(HubCase):
         self.assertEqual(other.echo('other'), 'other')
         visitor.release.set()
         self.assertEqual(result.result(TIMEOUT), 'visited')
+
+    def test_a_connection_whose_method_overran_holds_up_no_one_the_next_time(self):
+        sleeper = Sleeper()
+        slow = self.serve(sleeper)
+        other = self.proxy()
+        first = slow.wait.future('first')
+        self.assertTrue(sleeper.entered.wait(TIMEOUT))
+        self.assertEqual(other.echo('other'), 'other')
+        sleeper.release.set()
+        self.assertEqual(first.result(TIMEOUT), 'first')
+        # The watchdog is out of the picture from now on.
+        patcher = mock.patch('dopy.serveloop._TICK', NEVER)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        sleeper.entered.clear()
+        sleeper.release.clear()
+        again = slow.wait.future('again')
+        self.assertTrue(sleeper.entered.wait(TIMEOUT))
+        self.assertEqual(other.echo('other again'), 'other again')
+        sleeper.release.set()
+        self.assertEqual(again.result(TIMEOUT), 'again')
 
     def test_calls_pipelined_on_one_connection_are_all_answered(self):
         p = self.serve(Sleeper())
