@@ -48,9 +48,9 @@ from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .pool import Pool
+from .proxy import RemoteObject
 from .serveloop import AVAILABLE as _LOOP_AVAILABLE
 from .serveloop import ServeLoop
-from .proxy import RemoteObject
 from .streams import EarlyStream, SocketStream, TLSStream
 
 __all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
