@@ -53,12 +53,12 @@ from concurrent.futures import Future
 from threading import get_ident
 
 from . import dispatch, proxy, remote_exc, wire
-from .serveloop import step_aside
 from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
 from .hub import THRD_FUNC
+from .serveloop import ServeLoop, step_aside
 
 __all__ = ['Connection', 'translate_os_error', 'wait_ready']
 
@@ -144,7 +144,6 @@ class Connection:
         self._ids = itertools.count(1)
         self._reader = None
         self._reader_thread = None
-        self._serve_loop = None
         self._serving = False
         self._refs_lock = threading.Lock()
         self._exports = {}
@@ -333,7 +332,7 @@ class Connection:
         with self._lock:
             if self._closed:
                 return False
-            self._reader_thread = self._serve_loop = loop
+            self._reader_thread = loop
             self._serving = True
             self._recv_wait = None
         # Bytes TLS decrypted during the handshake do not show on the descriptor.
@@ -869,8 +868,8 @@ class Connection:
             self._imports.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
-        elif self._serve_loop is not None:
-            self._serve_loop.remove(self._stream.read_fd)
+        elif isinstance(self._reader_thread, ServeLoop):
+            self._reader_thread.remove(self._stream.read_fd)
         if reading:
             # Wakes the thread blocked reading this stream; it closes the
             # stream once no thread can be using its descriptors.

@@ -282,21 +282,22 @@ class TCPServer:
                 sock.close()
                 return
             refusal = self._refusal(address[0])
-            greeted = None
+            at_once = False
             if self.hub.threaded:
                 greeted = self._greet_early(peer) if refusal is None else None
                 if greeted is False:
                     sock.close()
                     return
-                if greeted is None or not greeted.done or self._loop is None:
+                # An OPEN greeting sent, nothing to hear back: served at once, no thread woken.
+                at_once = self._loop is not None and greeted is not None and greeted.done
+                if not at_once:
                     # Under the lock: close() never misses a peer's thread.
                     self._threads.submit(lambda: self._serve(peer, refusal, greeted))
             self._peers.add(peer)
         log.debug('accepted %s', peer.name)
         if not self.hub.threaded:
             self._handshake_in_loop(peer, refusal)
-        elif greeted is not None and greeted.done and self._loop is not None:
-            # An OPEN greeting sent, nothing to hear back: served at once, no thread woken.
+        elif at_once:
             self._serve_in_loop(peer)
 
     def _greet_early(self, peer):

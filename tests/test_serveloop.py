@@ -28,21 +28,28 @@ class Loop(Case):
     def pipe(self, on_data):
         """A pipe whose reading end the loop serves: ``on_data(bytes)`` runs for what is read;
         returns the writing end."""
-        r, w = os.pipe()
-        self.addCleanup(os.close, w)
-        self.addCleanup(os.close, r)
         loop = self.loop
 
         class Handler:
+            def __init__(self, r):
+                self.r = r
+
             def on_ready(self):
-                data = os.read(r, 100)
+                data = os.read(self.r, 100)
                 on_data(data)
                 if not data:
-                    loop.remove(r)
+                    loop.remove(self.r)
                 return bool(data)
 
-        self.loop.add(r, Handler())
-        return w
+        return self.raw_pipe(Handler)[1]
+
+    def raw_pipe(self, make_handler):
+        """A pipe whose reading end the loop serves with ``make_handler(read_fd)``; returns both ends."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, w)
+        self.addCleanup(os.close, r)
+        self.loop.add(r, make_handler(r))
+        return r, w
 
     def loop_threads(self):
         return [t for t in threading.enumerate() if t.name.startswith('test-loop-')
@@ -239,16 +246,16 @@ class Loop(Case):
 
     def test_a_removed_descriptor_is_not_handled(self):
         got = []
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
 
         class Handler:
+            def __init__(self, r):
+                self.r = r
+
             def on_ready(self):
-                got.append(os.read(r, 100))
+                got.append(os.read(self.r, 100))
                 return True
 
-        self.loop.add(r, Handler())
+        r, w = self.raw_pipe(Handler)
         self.loop.remove(r)
         os.write(w, b'x')
         done = threading.Event()
@@ -258,16 +265,16 @@ class Loop(Case):
 
     def test_a_failing_handler_is_logged_and_its_descriptor_dropped(self):
         calls = []
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
 
         class Broken:
+            def __init__(self, r):
+                self.r = r
+
             def on_ready(self):
-                calls.append(os.read(r, 1))
+                calls.append(os.read(self.r, 1))
                 raise RuntimeError('broken handler')
 
-        self.loop.add(r, Broken())
+        w = self.raw_pipe(Broken)[1]
         with logged('dopy.serveloop', count=1) as records:
             os.write(w, b'xy')
             eventually(lambda: records, 'the failure logged')
