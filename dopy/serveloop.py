@@ -136,7 +136,8 @@ class ServeLoop:
                 threads.append(self._watchdog)
             self._followers.notify_all()
             self._watch.notify_all()
-        os.write(self._wake_w, b'x')
+            # Under the lock: the last thread out closes the pipe once it sees _closed.
+            os.write(self._wake_w, b'x')
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
         left = []
