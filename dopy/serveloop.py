@@ -57,9 +57,10 @@ _leading = {}
 def step_aside():
     """This thread is about to block: if it leads a loop from inside a handler, let a follower lead."""
     if _leading:
-        loop = _leading.pop(get_ident(), None)
+        me = get_ident()
+        loop = _leading.pop(me, None)
         if loop is not None:
-            loop._step_aside(get_ident())
+            loop._step_aside(me)
 
 
 class ServeLoop:
@@ -77,7 +78,7 @@ class ServeLoop:
         self._followers = threading.Condition(self._lock)
         self._watch = threading.Condition(self._lock)
         self._leader = None
-        self._running = False
+        # The descriptor whose handler the leader runs, or None.
         self._running_fd = None
         self._turn = 0
         # Descriptors whose handler the watchdog last saw overrun.
@@ -224,7 +225,6 @@ class ServeLoop:
                 return True
             self._turn += 1
             self._running_fd = fd
-            self._running = True
             if self._watch_asleep:
                 with self._lock:
                     self._watch.notify()
@@ -234,7 +234,7 @@ class ServeLoop:
             with self._lock:
                 if self._leader != me:
                     return True
-                self._running = False
+                self._running_fd = None
 
     def _run(self, fd, handler):
         try:
@@ -257,7 +257,7 @@ class ServeLoop:
         if self._leader != me or self._closed:
             return
         self._leader = None
-        self._running = False
+        self._running_fd = None
         if self._idle:
             self._followers.notify()
         else:
@@ -267,15 +267,16 @@ class ServeLoop:
         with self._lock:
             seen = None
             while not self._closed:
-                if not self._running and self._turn == seen:
+                if self._running_fd is None and self._turn == seen:
                     # A whole tick with no handler: sleep until the leader starts one.
                     self._watch_asleep = True
-                    if not self._running and self._turn == seen:
+                    if self._running_fd is None and self._turn == seen:
                         self._watch.wait()
                     self._watch_asleep = False
                     continue
                 seen = self._turn
                 self._watch.wait(_TICK)
-                if self._running and self._turn == seen:
-                    self._slow.add(self._running_fd)
+                running = self._running_fd
+                if running is not None and self._turn == seen:
+                    self._slow.add(running)
                     self._hand_over(self._leader)
