@@ -198,6 +198,7 @@ class ServeLoop:
         ready = self._ready
         handlers = self._handlers
         slow = self._slow
+        lock = self._lock
         poll = self._epoll.poll
         while True:
             if not ready:
@@ -231,10 +232,13 @@ class ServeLoop:
             _leading[me] = self
             self._run(fd, handler)
             _leading.pop(me, None)
-            with self._lock:
-                if self._leader != me:
-                    return True
-                self._running_fd = None
+            # acquire and release rather than ``with``: half the cost, on every call's path.
+            lock.acquire()
+            if self._leader != me:
+                lock.release()
+                return True
+            self._running_fd = None
+            lock.release()
 
     def _run(self, fd, handler):
         try:

@@ -12,13 +12,14 @@ using them.  ``wake_fd``, when not None, is a descriptor to wait on beside
 reading end cannot be woken otherwise (a pipe we do not own).
 ``pending()`` counts bytes a stream holds that its descriptor does not
 show (decrypted TLS data): a reader must not wait while there are any.
-``peer_closed()`` tells whether the peer has hung up, without reading
-anything: for a TCP socket, plain or TLS, from the connection's TCP state
-where the system tells it (Linux), one system call that does not even let
-go of the GIL.  ``local_ip()`` is the IP address of this end, or None
-(pipes have none).
+``peer_closed()`` is true once the peer has hung up, found without reading
+anything: for a socket, plain or TLS, by ``poll`` where it reports a
+hang-up (``POLLRDHUP``, Linux): one system call, lighter than asking
+for the TCP state.
+``local_ip()`` is the IP address of this end, or None (pipes have none).
 """
 
+import functools
 import os
 import select
 import socket
@@ -29,30 +30,27 @@ __all__ = ['SocketStream', 'EarlyStream', 'TLSStream', 'PipeStream']
 # Plain ints: or-ing the enum flags on every call costs more than the system call.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-# The first byte of Linux's struct tcp_info is the connection's state; it
-# stays ESTABLISHED until the peer's FIN (CLOSE_WAIT) or RST (CLOSE) comes.
-_TCP_INFO = getattr(socket, 'TCP_INFO', None)
-# A module global: the hang-up check before every call looks it up.
-_IPPROTO_TCP = socket.IPPROTO_TCP
-_ESTABLISHED = 1
+# Set by the peer's FIN; an RST sets POLLHUP and POLLERR, which poll always reports.
+_POLLRDHUP = getattr(select, 'POLLRDHUP', None) if hasattr(select, 'poll') else None
 
 
-# Per address family: a system that tells one TCP socket's state tells them all.
-_tcp_state_known = {}
+def _hang_up_check(fd):
+    """A ``peer_closed`` for socket ``fd``, by poll (Linux): a descriptor closed meanwhile answers POLLNVAL, true as well."""
+    poll = _hang_up_poller(fd).poll
 
-
-def _tcp_state_readable(sock):
-    """True if ``sock`` tells its TCP state (a TCP socket, on Linux)."""
-    if _TCP_INFO is None:
-        return False
-    known = _tcp_state_known.get(sock.family)
-    if known is None:
+    def peer_closed():
         try:
-            known = len(sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)) == 1
-        except OSError:
-            known = False
-        _tcp_state_known[sock.family] = known
-    return known
+            return bool(poll(0))
+        except RuntimeError:
+            # A poll object serves one thread at a time, and another checks right now.
+            return bool(_hang_up_poller(fd).poll(0))
+    return peer_closed
+
+
+def _hang_up_poller(fd):
+    poller = select.poll()
+    poller.register(fd, _POLLRDHUP)
+    return poller
 
 
 def _local_ip(sock):
@@ -75,10 +73,8 @@ class SocketStream:
         self.sock = sock
         self.read_fd = self.write_fd = sock.fileno()
         self.recv_wait = sock.recv_into
-        self._tcp_state = _tcp_state_readable(sock)
-
-    def recv_into(self, buffer):
-        return self.sock.recv_into(buffer, 0, _DONTWAIT)
+        # A partial rather than a method: no Python frame on every read.
+        self.recv_into = functools.partial(sock.recv_into, flags=_DONTWAIT)
 
     def send(self, data):
         return self.sock.send(data, _DONTWAIT)
@@ -93,10 +89,13 @@ class SocketStream:
         """The IP address this end of the connection has (found when asked: it costs a system call)."""
         return _local_ip(self.sock)
 
+    @functools.cached_property
     def peer_closed(self):
-        """True if the peer has hung up, found without consuming anything."""
-        if self._tcp_state:
-            return self.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
+        """The hang-up check, made on first use: a server's connections never need one."""
+        return self._peek_closed if _POLLRDHUP is None else _hang_up_check(self.read_fd)
+
+    def _peek_closed(self):
+        # Where poll cannot tell: a peek sees the end of the stream, if nothing is unread before it.
         try:
             return not self.sock.recv(1, _PEEK)
         except BlockingIOError:
@@ -137,9 +136,10 @@ class EarlyStream(SocketStream):
         self._early = early
         self._handshake = None
         self._greeted = False
+        self.recv_into = self._recv_into_greeted
         self.recv_wait = self._recv_wait_greeted
 
-    def recv_into(self, buffer):
+    def _recv_into_greeted(self, buffer):
         if not self._greeted:
             self._greet(_DONTWAIT)
         return self.sock.recv_into(buffer, 0, _DONTWAIT)
@@ -192,6 +192,11 @@ class EarlyStream(SocketStream):
         self.recv_wait = self.sock.recv_into
 
 
+def _not_known():
+    # TLS cannot peek: where poll cannot tell, a hang-up is found by the next read.
+    return False
+
+
 class TLSStream:
     """A connected ``ssl.SSLSocket``, its handshake done."""
 
@@ -202,7 +207,6 @@ class TLSStream:
         sock.setblocking(False)
         self.sock = sock
         self.read_fd = self.write_fd = sock.fileno()
-        self._tcp_state = _tcp_state_readable(sock)
 
     def recv_into(self, buffer):
         try:
@@ -225,13 +229,14 @@ class TLSStream:
     def pending(self):
         return self.sock.pending()
 
+    @functools.cached_property
+    def peer_closed(self):
+        """The hang-up check, made on first use: a server's connections never need one."""
+        return _not_known if _POLLRDHUP is None else _hang_up_check(self.read_fd)
+
     def local_ip(self):
         """The IP address this end of the connection has."""
         return _local_ip(self.sock)
-
-    def peer_closed(self):
-        """True if the peer has hung up, from the TCP state; where that is unknown, taken as no (TLS cannot peek)."""
-        return self._tcp_state and self.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0] != _ESTABLISHED
 
     def shutdown(self):
         try:
