@@ -311,14 +311,19 @@ class Connection:
         return request_id
 
     def _pickle_call(self, kind, request_id, name, method, args, kwargs):
-        state = proxy.wire_state
-        saved, state.connection = state.connection, self
         try:
-            return wire.message_segments(kind, request_id, (name, method, args, kwargs))
+            return self._in_wire_state(wire.message_segments, kind, request_id, (name, method, args, kwargs))
         except Exception as exc:
             raise SerializationError(
                 f'the arguments of {name}.{method}() could not be pickled on the client: '
                 f'{type(exc).__name__}: {exc}') from exc
+
+    def _in_wire_state(self, function, *args):
+        """``function(*args)``, pickling or unpickling for this connection (see ``proxy.wire_state``)."""
+        state = proxy.wire_state
+        saved, state.connection = state.connection, self
+        try:
+            return function(*args)
         finally:
             state.connection = saved
 
@@ -614,6 +619,8 @@ class Connection:
             raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
 
     def _loads(self, data, buffers):
+        # _in_wire_state(wire.loads, data, buffers) spelt out: every call's
+        # unpickling on a server, where the argument packing shows.
         state = proxy.wire_state
         saved, state.connection = state.connection, self
         try:
@@ -747,7 +754,7 @@ class Connection:
             try:
                 if segments is None:
                     # Under the send lock, as a call's arguments are (see _send_call).
-                    segments = self._pickle_reply(frame.request_id, outcome)
+                    segments = self._in_wire_state(dispatch.reply_segments, frame.request_id, outcome)
                 self._send(segments, None)
             finally:
                 send_lock.release()
@@ -757,14 +764,6 @@ class Connection:
                 log.debug('reply to %s not sent: %s', self.peer, exc)
             else:
                 raise
-
-    def _pickle_reply(self, request_id, outcome):
-        state = proxy.wire_state
-        saved, state.connection = state.connection, self
-        try:
-            return dispatch.reply_segments(request_id, outcome)
-        finally:
-            state.connection = saved
 
     def _read_frame(self, deadline):
         decoder = self._decoder
