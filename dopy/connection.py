@@ -299,13 +299,15 @@ class Connection:
         send_lock = self._send_lock
         send_lock.acquire()
         try:
+            # The RELEASE due goes ahead of the frame, and is taken before the
+            # frame is pickled, under the send lock: one queued meanwhile must
+            # not overtake a frame that may still refer to the released object.
+            release = self._release_frame() if self._released else None
             if segments is None:
-                # Pickled under the send lock: a RELEASE queued meanwhile must
-                # not overtake a frame that already refers to the released object.
                 segments = self._pickle_call(kind, request_id, name, method, args, kwargs)
             if waiter is not None:
                 self._register(request_id, waiter)
-            self._send(segments, deadline)
+            self._send(segments, deadline, release)
         finally:
             send_lock.release()
         return request_id
@@ -734,7 +736,7 @@ class Connection:
     def _run(self, frame, call):
         outcome = call()
         # Let go of the arguments now, so that the references among them are
-        # released behind this reply rather than behind a later frame.
+        # released ahead of this reply rather than of a later frame.
         call.args = call.kwargs = None
         self._reply(frame, outcome)
 
@@ -752,10 +754,11 @@ class Connection:
         try:
             send_lock.acquire()
             try:
+                # The RELEASE due first, then the reply pickled: as in _send_call.
+                release = self._release_frame() if self._released else None
                 if segments is None:
-                    # Under the send lock, as a call's arguments are (see _send_call).
                     segments = self._in_wire_state(dispatch.reply_segments, frame.request_id, outcome)
-                self._send(segments, None)
+                self._send(segments, None, release)
             finally:
                 send_lock.release()
         except CommunicationError as exc:
@@ -806,10 +809,12 @@ class Connection:
         except OSError as exc:
             raise self._lost(exc)
 
-    def _send(self, segments, deadline):
-        """Send a frame's segments, and any RELEASE due; the caller holds the send lock."""
+    def _send(self, segments, deadline, release=None):
+        """Send a frame's segments, after the RELEASE frame ``release`` if there is one; the caller holds the send lock."""
         if self._closed:
             raise _fresh(self._error)
+        if release is not None:
+            segments = [release, *segments]
         try:
             if len(segments) == 1:
                 # Every small message's path: one send, which takes it all.
@@ -822,8 +827,6 @@ class Connection:
                     self._send_rest(data, sent, deadline)
             else:
                 self._send_segments(segments, deadline)
-            if self._released:
-                self._send_segments([self._release_frame()], deadline)
         except CallTimeoutError:
             self._shutdown(ConnectionLostError(
                 f'connection with {self.peer} closed: a send timed out part-way through a frame'))

@@ -4,6 +4,7 @@ import gc
 import pickle
 import threading
 import unittest
+import weakref
 
 import dopy
 import dopy.tcp
@@ -27,6 +28,7 @@ class Service:
     def __init__(self):
         self.saved = None
         self.fired = threading.Event()
+        self.made = None
 
     def call_back(self, callback, value):
         return callback.ping(value)
@@ -53,7 +55,12 @@ class Service:
         return callback.bounce(depth)
 
     def counter(self):
-        return dopy.ref(Counter())
+        counter = Counter()
+        self.made = weakref.ref(counter)
+        return dopy.ref(counter)
+
+    def counter_alive(self):
+        return self.made() is not None
 
 
 class Counter:
@@ -267,6 +274,21 @@ class Lifetime(TwoHubs):
         self.service.saved = None
         gc.collect()
         self.p.identity(None)
+        self.p.identity(None)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 0)
+
+    def test_a_proxy_dropped_is_released_before_the_next_call_runs(self):
+        counter = self.p.counter()
+        self.assertEqual(counter.inc(), 1)
+        del counter
+        gc.collect()
+        self.assertFalse(self.p.counter_alive())
+
+    def test_a_callback_dropped_is_released_before_the_next_reply(self):
+        self.p.save(dopy.ref(Recorder()))
+        self.assertEqual(self.client_hub.stats()['exported_references'], 1)
+        self.service.saved = None
+        gc.collect()
         self.p.identity(None)
         self.assertEqual(self.client_hub.stats()['exported_references'], 0)
 
