@@ -606,19 +606,23 @@ class Connection:
         return wire.encode(wire.RELEASE, 0, releases)
 
     def _release_exports(self, frame):
+        """A RELEASE frame: the peer lets go of references; one of any other shape than ``_release_frame``'s breaks the protocol."""
         try:
-            releases = wire.loads(frame.data, frame.buffers)
-            with self._refs_lock:
-                for name, count in releases:
-                    entry = self._exports.get(name)
-                    if entry is None:
-                        continue
-                    entry[1] -= count
-                    if entry[1] <= 0:
-                        del self._exports[name]
-                        self._export_names.pop(id(entry[0]), None)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f'malformed RELEASE frame from {self.peer}') from exc
+            releases = _checked_releases(wire.loads(frame.data, frame.buffers))
+        except Exception as exc:
+            error = ProtocolError(f'malformed RELEASE frame: {type(exc).__name__}: {exc}')
+            error.__cause__ = exc
+            self._refuse(error)
+            raise error
+        with self._refs_lock:
+            for name, count in releases:
+                entry = self._exports.get(name)
+                if entry is None:
+                    continue
+                entry[1] -= count
+                if entry[1] <= 0:
+                    del self._exports[name]
+                    self._export_names.pop(id(entry[0]), None)
 
     def _loads(self, data, buffers):
         # _in_wire_state(wire.loads, data, buffers) spelt out: every call's
@@ -931,6 +935,15 @@ class Connection:
     def _close_socket(self):
         with self._send_lock:
             self._stream.close()
+
+
+def _checked_releases(releases):
+    """``releases`` if it is what ``_release_frame`` sends, a list of ``(name, count)`` with a str and an int over zero; else ValueError."""
+    if type(releases) is not list or not all(
+            type(item) is tuple and len(item) == 2 and type(item[0]) is str
+            and type(item[1]) is int and item[1] > 0 for item in releases):
+        raise ValueError(f'not a list of (name, count) pairs: {releases!r:.100}')
+    return releases
 
 
 def _remaining(deadline):

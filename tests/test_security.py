@@ -211,6 +211,28 @@ class BadInput(HubCase):
                 output = self.send_and_expect_close(data)
                 self.assertEqual(len([line for line in output if 'closing connection' in line]), 1, output)
 
+    def test_a_release_of_the_wrong_shape_closes_its_connection_with_a_call_behind_it(self):
+        call = wire.encode(wire.CALL, 1, ('obj', 'echo', ('behind',), {}))
+        cases = {
+            'not a list': 5,
+            'an item too short': [('x',)],
+            'a name that is not a str': [([], 1)],
+            'a count that is not an int': [('#1', 'one')],
+            'a count below one': [('#1', 0)],
+            'a pickle that does not load': None,
+        }
+        for what, releases in cases.items():
+            with self.subTest(what):
+                if releases is None:
+                    release = b''.join(wire.frame_segments(
+                        wire.RELEASE, 0, b'\x80\x05cbuiltins\nnothing_here\n)R.'))
+                else:
+                    release = wire.encode(wire.RELEASE, 0, releases)
+                output = self.send_and_expect_close(release + call)
+                closing = [line for line in output if 'closing connection' in line]
+                self.assertEqual(len(closing), 1, output)
+                self.assertIn('RELEASE', closing[0])
+
     def test_a_pickle_that_raises_on_load_is_an_error_reply_and_the_connection_lives(self):
         sock = raw_client(self.server.port)
         self.addCleanup(sock.close)
