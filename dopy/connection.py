@@ -419,17 +419,19 @@ class Connection:
         """False if closed, or found hung up by the peer (without sending anything)."""
         if self._closed:
             return False
-        if self._reader_thread is not None:
-            # A reader thread sleeps in recv on this connection: a hang-up
-            # wakes it and closes the connection, so no check is needed.
-            return True
         try:
-            # Asked without reading anything, so it is safe beside a reading thread.
+            # Asked without reading anything, so it is safe beside a reading
+            # thread.  Asked even where a reader thread would find the hang-up
+            # and close the connection: it may not have yet, and a call sent
+            # now would be lost.
             if not self._stream.peer_closed():
                 return True
-            self._lost(None)
         except OSError as exc:
             self._lost(exc)
+            return False
+        if self._reader_thread is None:
+            self._lost(None)
+        # Else the reader thread serves what came before the hang-up, then closes.
         return False
 
     def _ended(self, exc):

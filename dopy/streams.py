@@ -91,7 +91,7 @@ class SocketStream:
 
     @functools.cached_property
     def peer_closed(self):
-        """The hang-up check, made on first use: a server's connections never need one."""
+        """The hang-up check, made on first use: only a connection that proxies call over needs one."""
         return self._peek_closed if _POLLRDHUP is None else _hang_up_check(self.read_fd)
 
     def _peek_closed(self):
@@ -231,7 +231,7 @@ class TLSStream:
 
     @functools.cached_property
     def peer_closed(self):
-        """The hang-up check, made on first use: a server's connections never need one."""
+        """The hang-up check, made on first use: only a connection that proxies call over needs one."""
         return _not_known if _POLLRDHUP is None else _hang_up_check(self.read_fd)
 
     def local_ip(self):

@@ -211,6 +211,20 @@ class AddressesTravel(TwoHubs):
         self.assertEqual(other.call_saved('inc'), 2)
         self.assertEqual(pickle.loads(pickle.dumps(saved)), saved)
 
+    def test_a_reference_with_an_address_is_never_called_over_the_connection_its_peer_closed(self):
+        # The server may not yet have read the hang-up of the connection
+        # that brought the reference when the next call comes on another.
+        counter = Counter()
+        self.client_hub.addObject('counter', counter)
+        dopy.tcp.makeServer(0, hub=self.client_hub)
+        other = self.proxy('service')
+        for attempt in range(200):
+            carrier = self.proxy('service')
+            carrier.save(dopy.ref(counter))
+            self.assertEqual(carrier.call_saved('inc'), 2 * attempt + 1)
+            dopy.close(carrier)
+            self.assertEqual(other.call_saved('inc'), 2 * attempt + 2)
+
 
 @each_mode(transports=('tcp', 'pipe'))
 class ProxiesTravel(TwoHubs):
