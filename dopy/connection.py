@@ -243,9 +243,12 @@ class Connection:
         """The outcome of a call registered under ``waiter``, once whichever thread reads has answered it."""
         try:
             self._wait_for(waiter, deadline)
-        except CallTimeoutError:
+        except BaseException as exc:
+            # Given up on, timed out or interrupted (Ctrl-C, say): a late reply is discarded.
             with self._lock:
                 self._waiters.pop(request_id, None)
+            if not isinstance(exc, CallTimeoutError):
+                raise
             if not waiter.done:
                 raise self._timed_out(waiter.name, waiter.method, timeout) from None
         finally:
@@ -724,7 +727,7 @@ class Connection:
             waiter = self._waiters.pop(frame.request_id, None)
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
-                      '(it came after a timeout)', frame.request_id, self.peer)
+                      '(it came after a timeout or an interrupt)', frame.request_id, self.peer)
             return
         value, error = self._unpack(frame, waiter.name, waiter.method)
         if isinstance(waiter, Future):
@@ -839,6 +842,12 @@ class Connection:
             raise
         except OSError as exc:
             raise self._lost(exc)
+        except BaseException:
+            # Interrupted (Ctrl-C, say) at a point that cannot be known: part
+            # of a frame may have gone, and nothing can follow it.
+            self._shutdown(ConnectionLostError(
+                f'connection with {self.peer} closed: a send was interrupted, perhaps part-way through a frame'))
+            raise
 
     def _send_rest(self, data, sent, deadline):
         stream = self._stream

@@ -6,8 +6,9 @@ reference string, or over the connection that brought it (a reference that
 arrived inside a call or a reply).  A connection that proxies opened closes
 when no proxy uses it and no call is in flight on it.  A proxy with an
 address opens a new connection when its old one is gone: after the peer
-went away, or after a call timed out (so a late reply, or a server still
-busy with the abandoned call, never holds up the next call).  Nothing is ever re-sent: the call that met the
+went away, or after a call timed out or was interrupted (Ctrl-C, say), so
+that a late reply, or a server still busy with the abandoned call, never
+holds up the next call.  Nothing is ever re-sent: the call that met the
 failure raises, and only the next call reconnects.  A proxy is safe to
 share between threads; their calls travel side by side on one connection.
 
@@ -30,7 +31,7 @@ import pickle
 import threading
 import weakref
 
-from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError
+from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError, SerializationError
 from .hub import getHub
 
 __all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'attach',
@@ -118,13 +119,12 @@ class _Link:
 
     def failed(self, connection, error):
         """A call over ``connection`` raised ``error``: see that the next call opens a new connection if it must."""
-        if isinstance(error, CallTimeoutError):
+        if connection.closed:
+            self.drop(connection)
+        elif self.connect is not None and _abandoned(error):
             # A new connection for the next call, where there is an address to
             # open one: a server still busy with this call must not hold that
             # one up.  A late reply on the old one is discarded by its id.
-            if self.connect is not None:
-                self.drop(connection)
-        elif connection.closed:
             self.drop(connection)
 
     def use(self, connection):
@@ -147,6 +147,20 @@ class _Link:
             connection, self.connection = self.connection, None
         if connection is not None:
             connection.release()
+
+
+def _abandoned(error):
+    """True if ``error`` is the caller giving up on a call in flight, rather than the call's outcome.
+
+    That is a timeout, or an exception raised in the caller's thread while
+    it waited: KeyboardInterrupt (Ctrl-C), or whatever a signal handler
+    raises.  The remote method's own exceptions carry ``dopy_traceback``;
+    a ``SerializationError`` is an outcome too (the call was not sent, or
+    its reply came and did not unpickle), and so is any other DOPY error.
+    """
+    if hasattr(error, 'dopy_traceback'):
+        return False
+    return isinstance(error, CallTimeoutError) or not isinstance(error, (CommunicationError, SerializationError))
 
 
 class RemoteObject:
@@ -236,7 +250,7 @@ class RemoteObject:
         connection = link.get()
         try:
             return getattr(connection, send)(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-        except CommunicationError as exc:
+        except BaseException as exc:
             link.failed(connection, exc)
             raise
 
@@ -262,7 +276,7 @@ class _Method:
         connection = link.get()
         try:
             return connection.call(proxy._dopy_name, self._name, args, kwargs, proxy._dopy_timeout)
-        except CommunicationError as exc:
+        except BaseException as exc:
             link.failed(connection, exc)
             raise
 

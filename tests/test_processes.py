@@ -277,6 +277,63 @@ def stop_with_input(proc, text):
     return proc.returncode, out, err
 
 
+# A client that calls a long method, is interrupted by SIGINT (Ctrl-C),
+# then calls a quick one on the same proxy; argv: port, thread mode.
+INTERRUPTED_CLIENT = """
+import signal, sys, time, dopy, dopy.tcp
+signal.signal(signal.SIGINT, signal.default_int_handler)
+hub = dopy.init(threadMode=sys.argv[2])
+p = dopy.tcp.remote('127.0.0.1', int(sys.argv[1]), 'sleeper', hub=hub)
+try:
+    p.long()
+except KeyboardInterrupt:
+    print('interrupted', flush=True)
+start = time.monotonic()
+answer = p.echo('quick')
+print(answer, round(time.monotonic() - start, 1), flush=True)
+"""
+
+
+class Sleeper:
+    LONG = 30.0
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def long(self):
+        self.started.set()
+        self.release.wait(self.LONG)
+        return 'long done'
+
+    def echo(self, value):
+        return value
+
+
+class InterruptedClient(HubCase):
+    def test_after_ctrl_c_in_a_long_call_the_next_call_on_the_proxy_is_answered_at_once(self):
+        # The server runs each connection's calls in turn (THRD_CONN), and
+        # goes on running the abandoned call for 30 s.
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        for mode in MODES:
+            with self.subTest(client_mode=mode):
+                sleeper = Sleeper()
+                self.hub.addObject('sleeper', sleeper)
+                self.addCleanup(sleeper.release.set)
+                proc = spawn(['-c', INTERRUPTED_CLIENT, str(server.port), mode])
+                try:
+                    self.assertTrue(sleeper.started.wait(TIMEOUT))
+                    proc.send_signal(signal.SIGINT)
+                    self.assertEqual(read_line(proc.stdout), 'interrupted\n')
+                    answer, seconds = read_line(proc.stdout, timeout=5.0).split()
+                    self.assertEqual(answer, 'quick')
+                    self.assertLess(float(seconds), 5.0)
+                finally:
+                    sleeper.release.set()
+                    status, _, err = stop(proc)
+                self.assertEqual(status, 0, err)
+
+
 class ServerInAnotherProcess(HubCase):
     def remote(self, port, timeout=TIMEOUT):
         p = dopy.tcp.remote('127.0.0.1', port, 'service', timeout=timeout, hub=self.client_hub)
