@@ -150,13 +150,13 @@ class _Link:
 
 
 def _abandoned(error):
-    """True if ``error`` is the caller giving up on a call in flight, rather than the call's outcome.
+    """True if ``error`` is the caller giving up on a call in flight, not its outcome nor a failed connection.
 
     That is a timeout, or an exception raised in the caller's thread while
     it waited: KeyboardInterrupt (Ctrl-C), or whatever a signal handler
     raises.  The remote method's own exceptions carry ``dopy_traceback``;
-    a ``SerializationError`` is an outcome too (the call was not sent, or
-    its reply came and did not unpickle), and so is any other DOPY error.
+    a ``SerializationError`` means the call was not sent, or was answered
+    with a reply that did not unpickle.
     """
     if hasattr(error, 'dopy_traceback'):
         return False
