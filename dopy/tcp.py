@@ -140,6 +140,7 @@ class TCPServer:
         if self.insecure and self.authkey is None:
             log.warning('serving without an authkey to anyone who can reach the port: '
                         'any of them can run code in this process')
+        host = _unbracket(host)
         self._sock = _listen(host, port)
         self.host = host
         self.port = self._sock.getsockname()[1]
@@ -543,6 +544,20 @@ def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
 
+def _unbracket(host):
+    """``host`` as sockets take it: an IPv6 address may come in brackets, as in a reference string."""
+    return host[1:-1] if host.startswith('[') and host.endswith(']') else host
+
+
+def _refused_hint(host, exc):
+    """What to add to a refused connection to an IPv6 address: the likely cause."""
+    if not isinstance(exc, ConnectionRefusedError) or ':' not in host:
+        return ''
+    ipv4 = '127.0.0.1' if is_loopback(host) else 'its IPv4 address'
+    return (f' over IPv6: is the server listening on IPv4 only, as it does on makeServer\'s '
+            f'default host 127.0.0.1? Connect to {ipv4}, or serve on \'::1\' or \'\'')
+
+
 def _tls_handshake(sock, deadline, what, wait=wait_for_socket):
     """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``; ``wait`` as for ``client_handshake``."""
     sock.setblocking(False)
@@ -660,6 +675,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
     if timeout is not None and not timeout > 0:
         raise ValueError(f'timeout must be None or a positive number of seconds, not {timeout!r}')
     connect_timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+    host = _unbracket(host)
     address = f'{_format_host(host)}:{port}'
     open_servers = hub._open_servers
 
@@ -673,7 +689,8 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         except DopyError:
             raise  # already says what it was doing: a timeout, or the hub shut down
         except OSError as exc:
-            raise translate_os_error(exc, f'cannot connect to {address}') from exc
+            raise translate_os_error(exc, f'cannot connect to {address}',
+                                     _refused_hint(host, exc)) from exc
         _tune(sock)
         # A keyless plain client has nothing to say in the handshake: to a
         # server that greeted it OPEN before, it sends its first call at once
