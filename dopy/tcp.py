@@ -83,8 +83,8 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
     this machine only, ``''`` every interface (IPv4 and IPv6 where the
-    system allows), and an IPv6 literal such as ``'::1'`` works too.  Port 0
-    picks a free port; ``server.port`` tells which.  ``authkey`` (bytes;
+    system allows), and an IPv6 literal such as ``'::1'`` (or ``'[::1]'``)
+    works too.  Port 0 picks a free port; ``server.port`` tells which.  ``authkey`` (bytes;
     the hub's by default) makes every client prove it knows the key, and
     the server prove it too, before anything is unpickled.  Without a key
     the server answers only loopback clients, unless ``insecure`` is true.
@@ -100,10 +100,14 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
 def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_context=None):
     """A proxy for the object published as ``name`` by the server at ``host:port``.
 
+    An IPv6 ``host`` may come with or without brackets (``'::1'``, ``'[::1]'``).
     ``timeout`` (seconds) bounds connecting and every call; None, the
     default, lets a call wait as long as it takes, while connecting is still
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
-    that is down raises ``CommunicationError`` here; a keyless plain client
+    that is down raises ``CommunicationError`` here, and a peer that is not a
+    DOPY server ``ProtocolError``, or, if it never speaks, a
+    ``CallTimeoutError`` that says so (see ``dopy.auth.client_handshake``);
+    a keyless plain client
     whose threaded hub has met this server without a key does not wait for its
     greeting, which the first call reads (and raises for, if it refuses).  ``authkey`` (bytes;
     the hub's by default) is the key the server must share; a client with a
