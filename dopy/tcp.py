@@ -84,9 +84,10 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
     this machine only, ``''`` every interface (IPv4 and IPv6 where the
     system allows), and an IPv6 literal such as ``'::1'`` (or ``'[::1]'``)
-    works too.  Port 0 picks a free port; ``server.port`` tells which.  ``authkey`` (bytes;
-    the hub's by default) makes every client prove it knows the key, and
-    the server prove it too, before anything is unpickled.  Without a key
+    works too.  Port 0 picks a free port; ``server.port`` tells which.
+    ``authkey`` (bytes; the hub's by default) makes every client prove it
+    knows the key, and the server prove it too, before anything is
+    unpickled.  Without a key
     the server answers only loopback clients, unless ``insecure`` is true.
     ``max_connections`` bounds the connections served at once.
     ``ssl_context`` (an ``ssl.SSLContext`` for the server side, with its
@@ -107,10 +108,10 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_contex
     that is down raises ``CommunicationError`` here, and a peer that is not a
     DOPY server ``ProtocolError``, or, if it never speaks, a
     ``CallTimeoutError`` that says so (see ``dopy.auth.client_handshake``);
-    a keyless plain client
-    whose threaded hub has met this server without a key does not wait for its
-    greeting, which the first call reads (and raises for, if it refuses).  ``authkey`` (bytes;
-    the hub's by default) is the key the server must share; a client with a
+    a keyless plain client whose threaded hub has met this server without a
+    key does not wait for its greeting, which the first call reads (and
+    raises for, if it refuses).  ``authkey`` (bytes; the hub's by default)
+    is the key the server must share; a client with a
     key refuses a server that does not authenticate.  ``ssl_context`` (an
     ``ssl.SSLContext`` for the client side; the hub's by default) makes the
     connection TLS, checking the server's certificate against ``host``.
