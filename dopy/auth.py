@@ -89,11 +89,12 @@ import time
 from . import wire
 from .connection import translate_os_error, wait_ready
 from .hub import check_authkey
-from .errors import AuthenticationError, ConnectionLostError, ProtocolError
+from .errors import AuthenticationError, CallTimeoutError, ConnectionLostError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'OPEN', 'AUTH', 'REFUSED', 'GREETING', 'CHALLENGE_SIZE',
-    'ANSWER_SIZE', 'MAX_REFUSAL_SIZE', 'DEFAULT_HANDSHAKE_TIMEOUT', 'ENV_VARIABLE',
+    'ANSWER_SIZE', 'MAX_REFUSAL_SIZE', 'DEFAULT_HANDSHAKE_TIMEOUT', 'GREETING_GRACE',
+    'NO_GREETING', 'ENV_VARIABLE',
     'ServerHandshake', 'ClientHandshake', 'server_handshake', 'client_handshake',
     'check_authkey', 'is_loopback', 'read_authkey_file', 'authkey_from_env', 'wait_for_socket',
 ]
@@ -125,6 +126,15 @@ _FRAME_START = wire.MAGIC + bytes((wire.VERSION,))
 # A suggestion for the transports: long enough for a slow link, short
 # enough that a peer that connects and says nothing is soon let go.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+# A DOPY server greets as it accepts.  A peer that says nothing is most
+# likely one that waits for the client to speak first: an HTTP server, or
+# a TLS server met without TLS.  The client warns once it has waited
+# GREETING_GRACE seconds, and goes on waiting until its deadline, since a
+# busy server can be slow to accept.
+GREETING_GRACE = 1.0
+NO_GREETING = 'no DOPY greeting: not a DOPY server, or one that expects TLS?'
+_NO_GREETING_OVER_TLS = 'no DOPY greeting: not a DOPY server?'
 
 ENV_VARIABLE = 'DOPY_AUTHKEY'
 
@@ -211,6 +221,10 @@ class _Handshake:
     def _step(self, chunk):
         raise NotImplementedError
 
+    def lost(self, peer):
+        """The ``ConnectionLostError`` for ``peer`` closing before the handshake is over."""
+        return ConnectionLostError(f'{peer} closed the connection during the handshake')
+
 
 class ServerHandshake(_Handshake):
     """The server's side of the handshake.
@@ -286,6 +300,16 @@ class ClientHandshake(_Handshake):
         self._server_challenge = None
         self._challenge = None
         self.server_mode = None
+
+    @property
+    def greeted(self):
+        """False until the first byte of the server's greeting has come."""
+        return self._state not in (None, 'greeting') or bool(self._buffer)
+
+    def lost(self, peer):
+        if self.greeted:
+            return super().lost(peer)
+        return ConnectionLostError(f'{peer} closed the connection with {NO_GREETING}')
 
     def initial(self):
         """``b''``: the client waits for the server's greeting."""
@@ -426,9 +450,41 @@ def client_handshake(sock, authkey, deadline=None, wait=None, peer=None):
     messages (by default, its address).  Returns once frames may be
     sent; reads nothing past the handshake.  Raises ``AuthenticationError``,
     ``ProtocolError``, ``CallTimeoutError``, ``ConnectionLostError`` or
-    another ``CommunicationError``.
+    another ``CommunicationError``.  A server that sends no greeting gets
+    a warning on ``dopy.auth`` after ``GREETING_GRACE`` seconds, and, at the
+    deadline, a ``CallTimeoutError`` that says what it likely is.
     """
-    _drive(sock, ClientHandshake(authkey), deadline, peer or _peer_name(sock), wait)
+    handshake = ClientHandshake(authkey)
+    hint = _NO_GREETING_OVER_TLS if isinstance(sock, ssl.SSLSocket) else NO_GREETING
+    wait = _GreetingWait(handshake, wait or wait_for_socket, hint)
+    _drive(sock, handshake, deadline, peer or _peer_name(sock), wait)
+
+
+class _GreetingWait:
+    """A client's ``wait`` that, while no byte of the greeting has come, warns after
+    ``GREETING_GRACE`` and times out saying what is likely wrong."""
+
+    def __init__(self, handshake, wait, hint):
+        self.handshake = handshake
+        self.wait = wait
+        self.hint = hint
+        self.warn_at = time.monotonic() + GREETING_GRACE
+
+    def __call__(self, sock, events, deadline, what):
+        if self.handshake.greeted:
+            return self.wait(sock, events, deadline, what)
+        warn_at = self.warn_at
+        if warn_at is not None and (deadline is None or warn_at < deadline):
+            try:
+                return self.wait(sock, events, warn_at, what)
+            except CallTimeoutError:
+                self.warn_at = None
+                log.warning('%s: %s (waiting on until the deadline, in case it is a '
+                            'busy DOPY server)', what, self.hint)
+        try:
+            return self.wait(sock, events, deadline, what)
+        except CallTimeoutError:
+            raise CallTimeoutError(f'{what}: timed out with {self.hint}') from None
 
 
 def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
@@ -446,7 +502,7 @@ def _drive(sock, handshake, deadline, peer, wait=None, greeted=False):
         while not handshake.done and not handshake.failed:
             data = _recv(sock, handshake.wanted, deadline, what, wait)
             if not data:
-                raise ConnectionLostError(f'{peer} closed the connection during the handshake')
+                raise handshake.lost(peer)
             out = handshake.feed(data)
             if out:
                 _send_all(sock, out, deadline, what, wait)

@@ -1,4 +1,4 @@
-"""The ``dopyserver`` and ``dopyclient`` programs, as functions that return an exit status."""
+"""The ``dopyserver`` and ``dopyclient`` programs, and ``python -m dopy``, as functions that return an exit status."""
 
 import argparse
 import logging
@@ -10,7 +10,7 @@ from . import auth, naming, rsh, tcp
 from .errors import CommunicationError, DopyError
 from .hub import THRD_CONN, THRD_FUNC, THRD_NONE, init
 
-__all__ = ['TestObject', 'server_main', 'client_main', 'TEST_OBJECT_NAME']
+__all__ = ['TestObject', 'server_main', 'client_main', 'main', 'TEST_OBJECT_NAME']
 
 TEST_OBJECT_NAME = 'test'
 
@@ -276,6 +276,34 @@ def _split_address(text):
 
 def _join_address(host, port):
     return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
+USAGE = """\
+DOPY, Distributed Objects for Python: call objects in another process as if
+they were here. A hub publishes objects (dopy.getHub().addObject), a server
+serves them (dopy.tcp.makeServer), and a proxy calls their methods
+(dopy.tcp.remote). Manual.html says all.
+
+Commands (each takes --help):
+  python -m dopy.demo           run a dopyserver and a dopyclient against it
+  dopyserver                    serve a test object, with a Python console
+  dopyclient [HOST[:PORT]]      check a running dopyserver
+  python -m dopy server ...     dopyserver, where the script is not on the PATH
+  python -m dopy client ...     dopyclient, likewise
+"""
+
+
+def main(argv=None):
+    """Run ``python -m dopy``: say what DOPY is and its commands, or run ``server`` or ``client``."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {'server': server_main, 'client': client_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    if argv and argv[0] not in ('-h', '--help'):
+        print(f'python -m dopy: no command {argv[0]!r}\n\n{USAGE}', end='', file=sys.stderr)
+        return 2
+    print(USAGE, end='')
+    return 0
 
 
 def run(main):

@@ -71,16 +71,16 @@ _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
 
 
-def translate_os_error(exc, what):
-    """The DOPY error for an ``OSError`` met while doing ``what``, chained to it."""
+def translate_os_error(exc, what, hint=''):
+    """The DOPY error for an ``OSError`` met while doing ``what``, chained to it; ``hint`` ends its message."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        error = CallTimeoutError(f'{what}: timed out')
+        error = CallTimeoutError(f'{what}: timed out{hint}')
     elif isinstance(exc, socket.gaierror):
-        error = CommunicationError(f'{what}: {exc.strerror or exc}')
+        error = CommunicationError(f'{what}: {exc.strerror or exc}{hint}')
     elif isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        error = ConnectionLostError(f'{what}: {exc.strerror or exc}')
+        error = ConnectionLostError(f'{what}: {exc.strerror or exc}{hint}')
     else:
-        error = CommunicationError(f'{what}: {exc.strerror or exc}')
+        error = CommunicationError(f'{what}: {exc.strerror or exc}{hint}')
     error.__cause__ = exc
     return error
 

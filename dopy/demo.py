@@ -2,12 +2,12 @@
 
 ``python3 -m dopy.demo`` starts dopyserver on a free port, runs dopyclient
 against it, then ends the server's input so that it stops; it exits 0 when
-the client passed and the server stopped cleanly.
+the client passed and the server stopped cleanly.  Both run on this
+interpreter, from this package (``python -m dopy server``/``client``), so
+a virtual environment's python runs the demo without being activated.
 """
 
-import os
 import select
-import shutil
 import subprocess
 import sys
 
@@ -15,21 +15,12 @@ __all__ = ['main']
 
 _STARTUP_TIMEOUT = 20.0
 _CLIENT_TIMEOUT = 60.0
-
-
-def _script(name):
-    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name)
-    if os.path.isfile(beside):
-        return beside
-    found = shutil.which(name)
-    if found is None:
-        sys.exit(f'dopy.demo: cannot find the {name} script')
-    return found
+_COMMAND = [sys.executable, '-m', 'dopy']
 
 
 def main():
     """Run the demo; return the exit status."""
-    server_cmd = [sys.executable, _script('dopyserver'), '--port', '0']
+    server_cmd = [*_COMMAND, 'server', '--port', '0']
     print('$ dopyserver --port 0', flush=True)
     server = subprocess.Popen(server_cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
@@ -46,7 +37,7 @@ def main():
             return 1
         port = banner.rsplit(':', 1)[1]
         print(f'$ dopyclient localhost:{port}', flush=True)
-        client = subprocess.run([sys.executable, _script('dopyclient'), f'localhost:{port}'],
+        client = subprocess.run([*_COMMAND, 'client', f'localhost:{port}'],
                                 timeout=_CLIENT_TIMEOUT)
         server.stdin.close()
         server_status = server.wait(timeout=_STARTUP_TIMEOUT)

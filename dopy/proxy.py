@@ -176,13 +176,15 @@ class RemoteObject:
     ``dopy.close(proxy)``, to close the connection it owns.
     """
 
-    __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '__weakref__')
+    __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '_dopy_fetched',
+                 '__weakref__')
 
     def __init__(self, ref, name, connect, timeout=None, connection=None):
         self._dopy_ref = ref
         self._dopy_name = name
         self._dopy_timeout = timeout
         self._dopy_link = _Link(connect)
+        self._dopy_fetched = None
         if connection is not None:
             self._dopy_link.use(connection)
         weakref.finalize(self, self._dopy_link.close)
@@ -211,6 +213,14 @@ class RemoteObject:
         return True
 
     def __len__(self):
+        # list(p), tuple(p) and sorted(p) ask for the length just after
+        # iter(p), as a hint: the items iter(p) fetched answer it, so that
+        # they cost one call, on an object without __len__ too.
+        fetched = self._dopy_fetched
+        if fetched is not None:
+            self._dopy_fetched = None
+            if fetched.thread == threading.get_ident() and fetched.iterator() is not None:
+                return fetched.count
         return self._dopy_call('__len__', (), {})
 
     def __contains__(self, item):
@@ -226,7 +236,12 @@ class RemoteObject:
         self._dopy_call('__delitem__', (key,), {})
 
     def __iter__(self):
-        return iter(self._dopy_call('__iter__', (), {}))
+        items = self._dopy_call('__iter__', (), {})
+        fetched = _Fetched(len(items))
+        iterator = _iterate(self, fetched, items)
+        fetched.iterator = weakref.ref(iterator)
+        self._dopy_fetched = fetched
+        return iterator
 
     def __reduce__(self):
         connection = _current_connection()
@@ -253,6 +268,24 @@ class RemoteObject:
         except BaseException as exc:
             link.failed(connection, exc)
             raise
+
+
+class _Fetched:
+    """The items one ``iter(proxy)`` fetched, as its proxy's ``len()`` sees them until iterating starts."""
+
+    __slots__ = ('thread', 'iterator', 'count')
+
+    def __init__(self, count):
+        self.thread = threading.get_ident()
+        self.iterator = None
+        self.count = count
+
+
+def _iterate(proxy, fetched, items):
+    # Started: from now on, len(proxy) asks the remote object.
+    if proxy._dopy_fetched is fetched:
+        proxy._dopy_fetched = None
+    yield from items
 
 
 class _Method:

@@ -83,10 +83,11 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
     this machine only, ``''`` every interface (IPv4 and IPv6 where the
-    system allows), and an IPv6 literal such as ``'::1'`` works too.  Port 0
-    picks a free port; ``server.port`` tells which.  ``authkey`` (bytes;
-    the hub's by default) makes every client prove it knows the key, and
-    the server prove it too, before anything is unpickled.  Without a key
+    system allows), and an IPv6 literal such as ``'::1'`` (or ``'[::1]'``)
+    works too.  Port 0 picks a free port; ``server.port`` tells which.
+    ``authkey`` (bytes; the hub's by default) makes every client prove it
+    knows the key, and the server prove it too, before anything is
+    unpickled.  Without a key
     the server answers only loopback clients, unless ``insecure`` is true.
     ``max_connections`` bounds the connections served at once.
     ``ssl_context`` (an ``ssl.SSLContext`` for the server side, with its
@@ -100,13 +101,17 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
 def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_context=None):
     """A proxy for the object published as ``name`` by the server at ``host:port``.
 
+    An IPv6 ``host`` may come with or without brackets (``'::1'``, ``'[::1]'``).
     ``timeout`` (seconds) bounds connecting and every call; None, the
     default, lets a call wait as long as it takes, while connecting is still
     bounded by ``DEFAULT_CONNECT_TIMEOUT``.  Connects at once, so a server
-    that is down raises ``CommunicationError`` here; a keyless plain client
-    whose threaded hub has met this server without a key does not wait for its
-    greeting, which the first call reads (and raises for, if it refuses).  ``authkey`` (bytes;
-    the hub's by default) is the key the server must share; a client with a
+    that is down raises ``CommunicationError`` here, and a peer that is not a
+    DOPY server ``ProtocolError``, or, if it never speaks, a
+    ``CallTimeoutError`` that says so (see ``dopy.auth.client_handshake``);
+    a keyless plain client whose threaded hub has met this server without a
+    key does not wait for its greeting, which the first call reads (and
+    raises for, if it refuses).  ``authkey`` (bytes; the hub's by default)
+    is the key the server must share; a client with a
     key refuses a server that does not authenticate.  ``ssl_context`` (an
     ``ssl.SSLContext`` for the client side; the hub's by default) makes the
     connection TLS, checking the server's certificate against ``host``.
@@ -140,6 +145,7 @@ class TCPServer:
         if self.insecure and self.authkey is None:
             log.warning('serving without an authkey to anyone who can reach the port: '
                         'any of them can run code in this process')
+        host = _unbracket(host)
         self._sock = _listen(host, port)
         self.host = host
         self.port = self._sock.getsockname()[1]
@@ -543,6 +549,20 @@ def _format_host(host):
     return f'[{host}]' if ':' in host else host
 
 
+def _unbracket(host):
+    """``host`` as sockets take it: an IPv6 address may come in brackets, as in a reference string."""
+    return host[1:-1] if host.startswith('[') and host.endswith(']') else host
+
+
+def _refused_hint(host, exc):
+    """What to add to a refused connection to an IPv6 address: the likely cause."""
+    if not isinstance(exc, ConnectionRefusedError) or ':' not in host:
+        return ''
+    ipv4 = '127.0.0.1' if is_loopback(host) else 'its IPv4 address'
+    return (f' over IPv6: is the server listening on IPv4 only, as it does on makeServer\'s '
+            f'default host 127.0.0.1? Connect to {ipv4}, or serve on \'::1\' or \'\'')
+
+
 def _tls_handshake(sock, deadline, what, wait=wait_for_socket):
     """Complete the TLS handshake of a non-blocking ``SSLSocket`` by ``deadline``; ``wait`` as for ``client_handshake``."""
     sock.setblocking(False)
@@ -660,6 +680,7 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
     if timeout is not None and not timeout > 0:
         raise ValueError(f'timeout must be None or a positive number of seconds, not {timeout!r}')
     connect_timeout = DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+    host = _unbracket(host)
     address = f'{_format_host(host)}:{port}'
     open_servers = hub._open_servers
 
@@ -673,7 +694,8 @@ def _proxy(hub, host, port, name, timeout, authkey, ssl_context):
         except DopyError:
             raise  # already says what it was doing: a timeout, or the hub shut down
         except OSError as exc:
-            raise translate_os_error(exc, f'cannot connect to {address}') from exc
+            raise translate_os_error(exc, f'cannot connect to {address}',
+                                     _refused_hint(host, exc)) from exc
         _tune(sock)
         # A keyless plain client has nothing to say in the handshake: to a
         # server that greeted it OPEN before, it sends its first call at once

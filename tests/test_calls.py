@@ -3,9 +3,11 @@
 import concurrent.futures
 import contextlib
 import logging
+import os
 import pickle
 import queue
 import socket
+import ssl
 import threading
 import time
 import unittest
@@ -14,7 +16,7 @@ from unittest import mock
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import raw_client, TIMEOUT, HubCase, each_mode, logged
+from tests.support import ROOT, raw_client, TIMEOUT, HubCase, each_mode, logged
 
 
 class Service:
@@ -628,6 +630,18 @@ class Addresses(HubCase):
         self.addCleanup(dopy.close, again)
         self.assertEqual(again.echo(6), 6)
 
+    def test_an_ipv6_host_may_come_in_brackets(self):
+        reason = ipv6_loopback()
+        if reason:
+            self.skipTest(reason)
+        server = dopy.tcp.makeServer(0, host='[::1]', hub=self.hub)
+        self.assertEqual(server.address, f'[::1]:{server.port}')
+        self.hub.addObject('obj', Service())
+        p = dopy.tcp.remote('[::1]', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo('six'), 'six')
+        self.assertEqual(str(p), f'tcp:[::1]:{server.port}:obj')
+
     def test_port_in_use_is_a_clear_error(self):
         server = dopy.tcp.makeServer(0, hub=self.hub)
         with self.assertRaises(dopy.CommunicationError) as caught:
@@ -638,6 +652,143 @@ class Addresses(HubCase):
         for port in (-1, 65536, '9600', None):
             with self.subTest(port=port), self.assertRaises(ValueError):
                 dopy.tcp.makeServer(port, hub=self.hub)
+
+
+def ipv6_loopback():
+    """None if this machine can serve on ::1, else why not."""
+    if not socket.has_ipv6:
+        return 'no IPv6 in this Python'
+    try:
+        socket.create_server(('::1', 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        return f'no IPv6 loopback here: {exc}'
+    return None
+
+
+class _Warned(logging.Handler):
+    """Sets ``event`` at the first warning."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.event = threading.Event()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+        self.event.set()
+
+
+@each_mode()
+class WrongServer(HubCase):
+    """Pointed at something that is not a DOPY server, or not the way it serves, a client says what is likely wrong."""
+
+    def listener(self):
+        """A TCP listener that accepts (its backlog does) and never says anything."""
+        listener = socket.create_server(('127.0.0.1', 0))
+        self.addCleanup(listener.close)
+        return listener
+
+    def remote(self, port, timeout, host='127.0.0.1'):
+        return dopy.tcp.remote(host, port, 'obj', timeout=timeout, hub=self.client_hub)
+
+    def warnings(self):
+        handler = _Warned()
+        target = logging.getLogger('dopy.auth')
+        target.addHandler(handler)
+        self.addCleanup(target.removeHandler, handler)
+        return handler
+
+    def test_a_server_that_never_greets_times_out_saying_what_it_likely_is(self):
+        listener = self.listener()
+        start = time.monotonic()
+        with self.assertRaisesRegex(dopy.CallTimeoutError,
+                                    r'no DOPY greeting: not a DOPY server, or one that expects TLS\?'):
+            self.remote(listener.getsockname()[1], timeout=0.3)
+        self.assertLess(time.monotonic() - start, TIMEOUT / 2)
+
+    def test_a_silent_server_is_warned_about_soon_and_waited_for_until_the_deadline(self):
+        listener = self.listener()
+        warned = self.warnings()
+
+        def hang_up_once_warned():
+            if warned.event.wait(TIMEOUT):
+                sock, _ = listener.accept()
+                sock.close()
+        closer = threading.Thread(target=hang_up_once_warned)
+        closer.start()
+        self.addCleanup(closer.join, TIMEOUT)
+        start = time.monotonic()
+        # Closed after the warning, and before the deadline: what the client waited for.
+        with self.assertRaisesRegex(dopy.ConnectionLostError, 'closed the connection with no DOPY greeting'):
+            self.remote(listener.getsockname()[1], timeout=TIMEOUT)
+        self.assertGreaterEqual(time.monotonic() - start, dopy.auth.GREETING_GRACE)
+        self.assertEqual(len(warned.messages), 1)
+        self.assertIn('no DOPY greeting: not a DOPY server, or one that expects TLS?', warned.messages[0])
+
+    def test_a_server_of_another_protocol_is_told_apart_at_once(self):
+        listener = self.listener()
+
+        def answer_like_http():
+            sock, _ = listener.accept()
+            with sock:
+                sock.sendall(b'HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n')
+        server = threading.Thread(target=answer_like_http)
+        server.start()
+        self.addCleanup(server.join, TIMEOUT)
+        start = time.monotonic()
+        with self.assertRaisesRegex(dopy.ProtocolError, "not a DOPY server: it greeted with b'HTTP/1.1'"):
+            self.remote(listener.getsockname()[1], timeout=TIMEOUT)
+        self.assertLess(time.monotonic() - start, dopy.auth.GREETING_GRACE)
+
+    def test_a_plain_client_of_a_tls_server_is_told_it_may_expect_tls(self):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        certs = os.path.join(ROOT, 'tests', 'certs')
+        context.load_cert_chain(os.path.join(certs, 'server.pem'), os.path.join(certs, 'server.key'))
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, hub=self.hub, ssl_context=context)
+        with self.assertRaisesRegex(dopy.CallTimeoutError, 'one that expects TLS'):
+            self.remote(server.port, timeout=0.3)
+        # Each waits for the other; the server lets go first.
+        server.handshake_timeout = 0.3
+        with logged('dopy.auth'):
+            with self.assertRaisesRegex(dopy.ConnectionLostError, 'no DOPY greeting.*expects TLS'):
+                self.remote(server.port, timeout=TIMEOUT)
+
+    @unittest.skipIf(ipv6_loopback(), ipv6_loopback())
+    def test_ipv6_loopback_against_an_ipv4_only_server_says_so(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, host='127.0.0.1', hub=self.hub)
+        for host in ('::1', '[::1]'):
+            with self.subTest(host=host):
+                with self.assertRaisesRegex(dopy.CommunicationError,
+                                            rf'cannot connect to \[::1\]:{server.port}: .*IPv4 only.*127\.0\.0\.1'):
+                    self.remote(server.port, TIMEOUT, host=host)
+
+
+class RealServerSlowToGreet(HubCase):
+    """A THRD_NONE server accepts on its loop, which runs calls too: one busy in a call greets late."""
+
+    thread_mode = dopy.THRD_NONE
+
+    def test_a_client_warns_but_waits_for_a_dopy_server_slow_to_greet(self):
+        service = Service()
+        self.hub.addObject('obj', service)
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        busy = raw_client(server.port)
+        self.addCleanup(busy.close)
+        busy.sendall(wire.encode(wire.CALL, 1, ('obj', 'wait_for_release', ('busy',), {})))
+        self.assertTrue(service.started.wait(TIMEOUT))
+        warned = _Warned()
+        logging.getLogger('dopy.auth').addHandler(warned)
+        self.addCleanup(logging.getLogger('dopy.auth').removeHandler, warned)
+        releaser = threading.Thread(target=lambda: warned.event.wait(TIMEOUT) and service.release.set())
+        releaser.start()
+        self.addCleanup(releaser.join, TIMEOUT)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo('late'), 'late')
+        self.assertEqual(len(warned.messages), 1)
+        self.assertIn('in case it is a busy DOPY server', warned.messages[0])
 
 
 class MessageLimit(HubCase):

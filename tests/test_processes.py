@@ -1,6 +1,7 @@
 """Real processes: the scripts end to end, a server in another process, kill -9 and restart."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -265,6 +266,59 @@ class Scripts(HubCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn('test of exceptions ok', done.stdout)
         self.assertIn('demo ok', done.stdout)
+
+
+class InstalledInAVenv(unittest.TestCase):
+    """The package copied into a virtual environment that is not activated: its bin is not on the PATH."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(cls.dir.cleanup)
+        venv = os.path.join(cls.dir.name, 'venv')
+        subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv], check=True,
+                       timeout=TIMEOUT * 3)
+        cls.python = os.path.join(venv, 'bin', 'python')
+        site = subprocess.run([cls.python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                              capture_output=True, text=True, check=True, timeout=TIMEOUT).stdout.strip()
+        # As pip installs it: the package alone, its scripts not beside it.
+        shutil.copytree(os.path.join(ROOT, 'dopy'), os.path.join(site, 'dopy'),
+                        ignore=shutil.ignore_patterns('__pycache__'))
+        cls.env = {name: value for name, value in os.environ.items() if name != 'PYTHONPATH'}
+        cls.assert_path_lacks(os.path.join(venv, 'bin'))
+
+    @classmethod
+    def assert_path_lacks(cls, directory):
+        if directory in cls.env.get('PATH', '').split(os.pathsep):
+            raise AssertionError(f'{directory} is on the PATH')
+
+    def run_python(self, *args):
+        return subprocess.run([self.python, *args], capture_output=True, text=True, env=self.env,
+                              cwd=self.dir.name, timeout=TIMEOUT * 3)
+
+    def test_the_demo_runs_on_the_venvs_python_without_activating_it(self):
+        done = self.run_python('-m', 'dopy.demo')
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn('test of exceptions ok', done.stdout)
+        self.assertIn('demo ok', done.stdout)
+
+    def test_python_m_dopy_says_what_dopy_is_and_its_commands(self):
+        done = self.run_python('-m', 'dopy')
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr, '')
+        self.assertIn('Distributed Objects for Python', done.stdout)
+        for command in ('python -m dopy.demo', 'dopyserver', 'dopyclient', 'python -m dopy server',
+                        'python -m dopy client'):
+            self.assertIn(command, done.stdout)
+        wrong = self.run_python('-m', 'dopy', 'serve')
+        self.assertEqual(wrong.returncode, 2)
+        self.assertIn("no command 'serve'", wrong.stderr)
+        self.assertNotIn('Traceback', wrong.stderr)
+
+    def test_python_m_dopy_client_is_dopyclient(self):
+        done = self.run_python('-m', 'dopy', 'client', '--help')
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn('usage: dopyclient', done.stdout)
 
 
 def stop_with_input(proc, text):

@@ -320,6 +320,21 @@ class Lifetime(TwoHubs):
         self.assertEqual(self.remote('kept').inc(), 2)
 
 
+class Stream:
+    """Iterable, with no length."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class Sized(Stream):
+    def __len__(self):
+        return len(self.items)
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class ContainerProtocol(TwoHubs):
     def setUp(self):
@@ -339,6 +354,65 @@ class ContainerProtocol(TwoHubs):
         self.assertEqual(list(self.d), ['b'])
         with self.assertRaises(KeyError):
             self.d['missing']
+
+    def remote_container(self, obj):
+        """A proxy for ``obj``, and a list that gets a name for each call the server receives for it."""
+        self.server_hub.addObject('container', obj)
+        calls = []
+        lookup = self.server_hub.lookup
+
+        def counting_lookup(name):
+            if name == 'container':
+                calls.append(name)
+            return lookup(name)
+        self.server_hub.lookup = counting_lookup
+        return self.remote('container'), calls
+
+    def test_list_tuple_and_sorted_of_an_iterable_without_len_take_one_call_each(self):
+        p, calls = self.remote_container(Stream([3, 1, 2]))
+        for make, expected in ((list, [3, 1, 2]), (tuple, (3, 1, 2)), (sorted, [1, 2, 3]),
+                               (lambda p: [*p], [3, 1, 2])):
+            calls.clear()
+            self.assertEqual(make(p), expected)
+            self.assertEqual(len(calls), 1)
+        with self.assertRaisesRegex(dopy.NoSuchMethodError, '__len__'):
+            len(p)
+
+    def test_list_of_an_object_with_len_takes_one_call(self):
+        p, calls = self.remote_container(Sized(['b', 'a']))
+        self.assertEqual(list(p), ['b', 'a'])
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(sorted(p), ['a', 'b'])
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(p), 2)
+        self.assertEqual(len(calls), 3)
+
+    def test_len_once_iterating_has_started_asks_the_remote_object(self):
+        sized = Sized(['a', 'b'])
+        p, calls = self.remote_container(sized)
+        for item in p:
+            sized.items.append(item * 2)
+        self.assertEqual(len(p), 4)
+        iterator = iter(p)
+        self.assertEqual(next(iterator), 'a')
+        sized.items.append('c')
+        self.assertEqual(len(p), 5)
+        iter(p)  # let go of at once, never iterated
+        sized.items.append('d')
+        self.assertEqual(len(p), 6)
+        self.assertEqual(len(calls), 6)
+
+    def test_len_in_another_thread_asks_the_remote_object(self):
+        sized = Sized(['a', 'b'])
+        p, _ = self.remote_container(sized)
+        iterator = iter(p)
+        sized.items.append('c')
+        lengths = []
+        thread = threading.Thread(target=lambda: lengths.append(len(p)))
+        thread.start()
+        thread.join(TIMEOUT)
+        self.assertEqual(lengths, [3])
+        self.assertEqual(list(iterator), ['a', 'b'])
 
     def test_a_proxy_is_true_without_asking_len(self):
         self.assertTrue(self.p)
