@@ -285,21 +285,43 @@ class PersistentNamingContext(NamingContext):
         return _loads(data, lambda ref: hub.makeRemoteObject(ref, hub.call_timeout, connect=False))
 
 
-def _dumps(value, persistent_id):
+class _Pickler(pickle.Pickler):
+    """A pickler that asks ``keep(obj)`` for each object's persistent id (None: pickle it).
+
+    The id is a method of a subclass: the C pickler's ``persistent_id``
+    attribute cannot be set on an instance from Python 3.13 on.
+    """
+
+    def __init__(self, file, keep):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._keep = keep
+
+    def persistent_id(self, obj):
+        return self._keep(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    """An unpickler that turns each persistent id back into its object with ``restore(pid)``."""
+
+    def __init__(self, file, restore):
+        super().__init__(file)
+        self._restore = restore
+
+    def persistent_load(self, pid):
+        return self._restore(pid)
+
+
+def _dumps(value, keep):
     buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.persistent_id = persistent_id
     try:
-        pickler.dump(value)
+        _Pickler(buffer, keep).dump(value)
     except Exception as exc:
         raise SerializationError(f'the value cannot be stored: {type(exc).__name__}: {exc}') from exc
     return buffer.getvalue()
 
 
-def _loads(data, persistent_load):
-    unpickler = pickle.Unpickler(io.BytesIO(data))
-    unpickler.persistent_load = persistent_load
-    return unpickler.load()
+def _loads(data, restore):
+    return _Unpickler(io.BytesIO(data), restore).load()
 
 
 def resolve(ref, timeout=None, hub=None):
