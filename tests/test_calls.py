@@ -302,6 +302,22 @@ class FuturesWithoutWaiting(HubCase):
         self.assertEqual(got, {'fine', KeyError})
 
 
+class Log:
+    """Keeps what it is given, in the order its calls ran."""
+
+    def __init__(self):
+        self.seen = []
+
+    def add(self, value):
+        self.seen.append(value)
+
+    def count(self):
+        return len(self.seen)
+
+    def echo(self, value):
+        return value
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class Pipelining(HubCase):
     def setUp(self):
@@ -367,22 +383,6 @@ class Pipelining(HubCase):
         self.client_hub.shutdown()
         self.hub.shutdown()
         self.assertFalse(any(t.name.startswith('dopy-') for t in threading.enumerate()))
-
-
-class Log:
-    """Keeps what it is given, in the order its calls ran."""
-
-    def __init__(self):
-        self.seen = []
-
-    def add(self, value):
-        self.seen.append(value)
-
-    def count(self):
-        return len(self.seen)
-
-    def echo(self, value):
-        return value
 
 
 @each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_NONE))
