@@ -73,6 +73,8 @@ serves only loopback peers and refuses the others), ``read_authkey_file``
 and ``authkey_from_env``.
 """
 
+from __future__ import annotations
+
 import functools
 import hashlib
 import hmac
@@ -85,6 +87,7 @@ import ssl
 import stat
 import struct
 import time
+from collections.abc import Mapping
 
 from . import wire
 from .connection import translate_os_error, wait_ready
@@ -597,7 +600,7 @@ def _is_loopback_ip(address):
     return ip.is_loopback
 
 
-def read_authkey_file(path):
+def read_authkey_file(path: str | os.PathLike[str]) -> bytes:
     """The authkey kept in the file at ``path``: its bytes, less one trailing newline.
 
     Raises ``OSError`` if it cannot be read and ``ValueError`` if it holds
@@ -618,7 +621,7 @@ def read_authkey_file(path):
     return key
 
 
-def authkey_from_env(environ=None):
+def authkey_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
     """The authkey in the ``DOPY_AUTHKEY`` variable, as UTF-8 bytes; None if it is not set.
 
     ``environ`` is a mapping to look in, ``os.environ`` by default (not a

@@ -20,6 +20,8 @@ A remote exception that *can* be rebuilt is raised as itself, not as one of
 these: see ``dopy.remote_exc``.
 """
 
+from __future__ import annotations
+
 __all__ = [
     'DopyError', 'CommunicationError', 'ConnectionClosedError',
     'ConnectionLostError', 'CallTimeoutError', 'ProtocolError',
@@ -79,7 +81,7 @@ class NoSuchMethodError(DopyError, AttributeError):
 class NamingError(DopyError, KeyError):
     """A name that is not bound in a naming context, or that is not a valid name."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         # KeyError would show the message as a quoted repr.
         return str(self.args[0]) if self.args else ''
 
@@ -92,11 +94,11 @@ class RemoteError(DopyError):
     formatted traceback text.
     """
 
-    def __init__(self, remote_type, remote_message, remote_traceback=''):
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = '') -> None:
         super().__init__(remote_type, remote_message, remote_traceback)
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f'{self.remote_type}: {self.remote_message}'

@@ -19,6 +19,8 @@ Threading modes (``threadMode=``):
   that loop until its reply arrives.
 """
 
+from __future__ import annotations
+
 import atexit
 import logging
 import os
@@ -27,12 +29,20 @@ import sys
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .console import CHUNK, Console
 from .errors import ConnectionClosedError, DopyError, NoSuchObjectError
 from .loop import Loop
 from .pool import Pool
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from _typeshed import FileDescriptorLike
+
+    from .proxy import RemoteObject
 
 __all__ = ['Hub', 'getHub', 'init', 'register_scheme', 'DEFAULT_SHUTDOWN_TIMEOUT',
            'THRD_CONN', 'THRD_FUNC', 'THRD_NONE', 'DEFAULT_POOL_SIZE', 'check_authkey']
@@ -54,7 +64,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 _schemes = {}
 
 
-def register_scheme(scheme, factory):
+def register_scheme(scheme: str, factory: Callable[[Hub, str, float | None, bool], RemoteObject]) -> None:
     """Let ``makeRemoteObject`` build proxies for ``scheme:...`` reference strings.
 
     ``factory(hub, rest, timeout, connect)`` gets what follows ``scheme:``
@@ -82,7 +92,7 @@ class Hub:
     connections its proxies open when not given one, references included.
     """
 
-    def __init__(self, **settings):
+    def __init__(self, **settings: Any) -> None:
         self.settings = _checked_settings(**settings)
         self.authkey = self.settings['authkey']
         self.ssl_context = self.settings['ssl_context']
@@ -107,16 +117,16 @@ class Hub:
         self._shut_down = threading.Event()
         self._shutdown_timeout = DEFAULT_SHUTDOWN_TIMEOUT
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = 'shut down' if self.closed else f'{len(self._objects)} objects, {len(self._servers)} servers'
         return f'<dopy.Hub {state}>'
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True once ``shutdown`` has begun."""
         return self._closed.is_set()
 
-    def addObject(self, name, obj, expose=None):
+    def addObject(self, name: str, obj: object, expose: Iterable[str] | None = None) -> None:
         """Publish ``obj`` under ``name``; a later call with the same name replaces it.
 
         Any public method may be called, unless ``expose`` (a list of method
@@ -146,7 +156,7 @@ class Hub:
             self._objects[name] = (obj, expose)
             self._names[id(obj)] = name
 
-    def removeObject(self, name):
+    def removeObject(self, name: str) -> None:
         """Stop publishing ``name``; ``NoSuchObjectError`` if it is not published."""
         with self._lock:
             try:
@@ -156,13 +166,13 @@ class Hub:
             if self._names.get(id(obj)) == name:
                 del self._names[id(obj)]
 
-    def published_name(self, obj):
+    def published_name(self, obj: object) -> str | None:
         """The name ``obj`` is published under, or None."""
         name = self._names.get(id(obj))
         entry = self._objects.get(name) if name is not None else None
         return name if entry is not None and entry[0] is obj else None
 
-    def advertised_address(self, local_ip):
+    def advertised_address(self, local_ip: str) -> str | None:
         """``tcp:HOST:PORT`` of a server of this hub that a peer reaching ``local_ip`` can reach, or None."""
         with self._lock:
             servers = list(self._servers)
@@ -172,7 +182,7 @@ class Hub:
                 return address
         return None
 
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         """Counts for watching a long-running hub: objects, servers, connections, references.
 
         ``connections`` counts the open ones: this hub's own, and every peer
@@ -198,18 +208,18 @@ class Hub:
         counts['imported_references'] = sum(c.import_count() for c in connections)
         return counts
 
-    def getObject(self, name):
+    def getObject(self, name: str) -> Any:
         """The local object published under ``name``, or ``NoSuchObjectError``."""
         return self.lookup(name)[0]
 
-    def lookup(self, name):
+    def lookup(self, name: str) -> tuple[Any, frozenset[str] | None]:
         """``(object, exposed)`` for ``name``: ``exposed`` is None or the set of callable names."""
         try:
             return self._objects[name]
         except (KeyError, TypeError):
             raise NoSuchObjectError(f'no object named {name!r} is published') from None
 
-    def makeRemoteObject(self, ref, timeout=None, connect=True):
+    def makeRemoteObject(self, ref: str, timeout: float | None = None, connect: bool = True) -> RemoteObject:
         """A proxy from a reference string such as ``'tcp:localhost:9600:myObject'``.
 
         ``timeout`` is as for ``dopy.tcp.remote``.  With ``connect=False`` the
@@ -226,15 +236,15 @@ class Hub:
         return factory(self, rest, timeout, connect)
 
     @property
-    def threaded(self):
+    def threaded(self) -> bool:
         """False in THRD_NONE, where the loop does all the reading."""
         return self.threadMode != THRD_NONE
 
-    def submit(self, work):
+    def submit(self, work: Callable[[], object]) -> bool:
         """Start ``work()`` on an idle thread of the THRD_FUNC pool; False if every one is busy."""
         return self._pool.submit(work)
 
-    def addReactor(self, fileobj, callback):
+    def addReactor(self, fileobj: FileDescriptorLike, callback: Callable[[Any], object]) -> None:
         """Call ``callback(fileobj)`` from the hub's loop whenever ``fileobj`` is readable.
 
         ``fileobj`` is anything with ``fileno()`` (a pipe, a socket, standard
@@ -254,12 +264,12 @@ class Hub:
         self.loop.add_reader(fileobj, guarded)
         self.loop.wake()
 
-    def removeReactor(self, fileobj):
+    def removeReactor(self, fileobj: FileDescriptorLike) -> None:
         """Stop watching ``fileobj``; ``KeyError`` if it has no reactor."""
         if not self.loop.remove_reader(fileobj):
             raise KeyError(f'no reactor for {fileobj!r}')
 
-    def mainloop(self, console=True, namespace=None):
+    def mainloop(self, console: bool = True, namespace: dict[str, Any] | None = None) -> None:
         """Serve until end of input, Ctrl-C or ``shutdown()``, running typed lines meanwhile.
 
         With ``console=True`` each line read from standard input is executed
@@ -306,7 +316,7 @@ class Hub:
             elif stdin is not None:
                 self.loop.remove_reader(stdin)
 
-    def shutdown(self, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
         """Close every server and connection of this hub and join their threads.
 
         Safe from any thread, including one serving a remote call, and
@@ -352,7 +362,7 @@ class Hub:
             self._connections.add(connection)
 
 
-def check_authkey(authkey):
+def check_authkey(authkey: bytes | bytearray | None) -> bytes | None:
     """``authkey`` as ``bytes``, or None for no key; TypeError or ValueError if it is not a key."""
     if authkey is None:
         return None
@@ -407,7 +417,7 @@ _hub = None
 _hub_lock = threading.Lock()
 
 
-def getHub():
+def getHub() -> Hub:
     """The process's hub, created with default settings on first use."""
     global _hub
     with _hub_lock:
@@ -416,7 +426,7 @@ def getHub():
         return _hub
 
 
-def init(**settings):
+def init(**settings: Any) -> Hub:
     """Create the process's hub with ``settings`` (see ``Hub``) and return it.
 
     Calling it again with the same settings returns the same hub; with

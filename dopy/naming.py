@@ -24,13 +24,17 @@ their reference strings, so only references with an address (to objects
 published on a hub with a server) can be stored.
 """
 
+from __future__ import annotations
+
 import io
 import pickle
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from .errors import DopyError, NamingError, SerializationError
-from .hub import getHub
+from .hub import Hub, getHub
 from .proxy import Ref, RemoteObject
 
 __all__ = ['DEFAULT_KEY', 'NamingContext', 'StandardNamingContext',
@@ -40,7 +44,7 @@ DEFAULT_KEY = 'naming'
 SEPARATOR = '/'
 
 
-def _split(name):
+def _split(name: str) -> list[str]:
     if not isinstance(name, str) or not name:
         raise NamingError(f'a name must be a non-empty str, not {name!r}')
     parts = name.split(SEPARATOR)
@@ -58,16 +62,16 @@ class NamingContext:
     and calls ``NamingContext.__init__``.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         # Held from the check that nothing is bound under a name to the
         # binding itself, so two writers cannot bind 'a' and 'a/b' at once.
         self._binding_lock = threading.Lock()
 
-    def isNamingContext(self):
+    def isNamingContext(self) -> bool:
         """True: lets a context recognise another one, even through a proxy."""
         return True
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         mount, rest, path = self._locate(name)
         if mount is not None:
             return mount[rest]
@@ -76,7 +80,7 @@ class NamingContext:
             raise NamingError(f'{name!r} is not bound')
         return self._decode(found[0])
 
-    def __setitem__(self, name, value):
+    def __setitem__(self, name: str, value: Any) -> None:
         mount, rest, path = self._locate(name)
         if mount is None:
             # Outside the lock: asking a proxy whether it is a context is a remote call.
@@ -92,34 +96,34 @@ class NamingContext:
                     return
         mount[rest] = value
 
-    def __delitem__(self, name):
+    def __delitem__(self, name: str) -> None:
         mount, rest, path = self._locate(name)
         if mount is not None:
             del mount[rest]
         elif not self._remove(path):
             raise NamingError(f'{name!r} is not bound')
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         try:
             self[name]
         except NamingError:
             return False
         return True
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._paths())
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._paths()))
 
-    def get(self, name, default=None):
+    def get(self, name: str, default: Any = None) -> Any:
         """The value bound to ``name``, or ``default``."""
         try:
             return self[name]
         except NamingError:
             return default
 
-    def list(self, name=''):
+    def list(self, name: str = '') -> list[str]:
         """The names one level below ``name`` (all of the top level for ''), sorted.
 
         A name that has names below it, or is bound to a context, ends in ``/``.
@@ -147,7 +151,7 @@ class NamingContext:
             raise NamingError(f'{name!r} is not bound')
         return sorted(entries)
 
-    def _locate(self, name):
+    def _locate(self, name: str) -> tuple[Any, str | None, str | None]:
         """``(mount, rest, path)``: the context a proper prefix of ``name`` is bound to, if any."""
         parts = _split(name)
         for i in range(1, len(parts)):
@@ -161,7 +165,7 @@ class NamingContext:
         return None, None, name
 
 
-def _is_context(value):
+def _is_context(value: object) -> bool:
     if isinstance(value, NamingContext):
         return True
     if isinstance(value, RemoteObject):
@@ -175,34 +179,34 @@ def _is_context(value):
 class StandardNamingContext(NamingContext):
     """A naming context in memory: gone when the process ends."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self._bindings = {}
+        self._bindings: dict[str, tuple[tuple[bytes, list[object]], bool]] = {}
         self._lock = threading.Lock()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<dopy.naming.StandardNamingContext with {len(self._bindings)} names>'
 
-    def _get(self, path):
+    def _get(self, path: str) -> tuple[tuple[bytes, list[object]], bool] | None:
         return self._bindings.get(path)
 
-    def _put(self, path, data, is_context):
+    def _put(self, path: str, data: tuple[bytes, list[object]], is_context: bool) -> None:
         with self._lock:
             self._bindings[path] = (data, is_context)
 
-    def _remove(self, path):
+    def _remove(self, path: str) -> bool:
         with self._lock:
             return self._bindings.pop(path, None) is not None
 
-    def _paths(self):
+    def _paths(self) -> list[str]:
         return list(self._bindings)
 
-    def _encode(self, value):
+    def _encode(self, value: object) -> tuple[bytes, list[object]]:
         # References and contexts are kept as themselves, beside the pickle
         # of everything else.
-        refs = []
+        refs: list[object] = []
 
-        def keep(obj):
+        def keep(obj: object) -> int | None:
             if isinstance(obj, (RemoteObject, Ref, NamingContext)):
                 refs.append(obj)
                 return len(refs) - 1
@@ -210,7 +214,7 @@ class StandardNamingContext(NamingContext):
 
         return _dumps(value, keep), refs
 
-    def _decode(self, stored):
+    def _decode(self, stored: tuple[bytes, list[object]]) -> Any:
         data, refs = stored
         return _loads(data, refs.__getitem__)
 
@@ -225,7 +229,7 @@ class PersistentNamingContext(NamingContext):
     file; SQLite serialises their writes.
     """
 
-    def __init__(self, path, hub=None):
+    def __init__(self, path: str, hub: Hub | None = None) -> None:
         super().__init__()
         self.path = path
         self._hub = hub
@@ -237,35 +241,35 @@ class PersistentNamingContext(NamingContext):
         self._db.execute('CREATE TABLE IF NOT EXISTS bindings ('
                          'path TEXT PRIMARY KEY, value BLOB NOT NULL, is_context INTEGER NOT NULL)')
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<dopy.naming.PersistentNamingContext {self.path!r}>'
 
-    def close(self):
+    def close(self) -> None:
         """Close the database; the context is unusable after."""
         with self._lock:
             self._db.close()
 
-    def _get(self, path):
+    def _get(self, path: str) -> tuple[bytes, bool] | None:
         with self._lock:
             row = self._db.execute('SELECT value, is_context FROM bindings WHERE path = ?',
                                    (path,)).fetchone()
         return None if row is None else (row[0], bool(row[1]))
 
-    def _put(self, path, data, is_context):
+    def _put(self, path: str, data: bytes, is_context: bool) -> None:
         with self._lock:
             self._db.execute('INSERT OR REPLACE INTO bindings VALUES (?, ?, ?)',
                              (path, data, int(is_context)))
 
-    def _remove(self, path):
+    def _remove(self, path: str) -> bool:
         with self._lock:
             return self._db.execute('DELETE FROM bindings WHERE path = ?', (path,)).rowcount > 0
 
-    def _paths(self):
+    def _paths(self) -> list[str]:
         with self._lock:
             return [row[0] for row in self._db.execute('SELECT path FROM bindings')]
 
-    def _encode(self, value):
-        def address_of(obj):
+    def _encode(self, value: object) -> bytes:
+        def address_of(obj: object) -> str | None:
             if isinstance(obj, RemoteObject):
                 if not str(obj).startswith('tcp:'):
                     raise pickle.PicklingError(
@@ -280,29 +284,51 @@ class PersistentNamingContext(NamingContext):
 
         return _dumps(value, address_of)
 
-    def _decode(self, data):
+    def _decode(self, data: bytes) -> Any:
         hub = self._hub if self._hub is not None else getHub()
         return _loads(data, lambda ref: hub.makeRemoteObject(ref, hub.call_timeout, connect=False))
 
 
-def _dumps(value, persistent_id):
+class _Pickler(pickle.Pickler):
+    """A pickler that asks ``keep(obj)`` for each object's persistent id (None: pickle it).
+
+    The id is a method of a subclass: the C pickler's ``persistent_id``
+    attribute cannot be set on an instance from Python 3.13 on.
+    """
+
+    def __init__(self, file: BinaryIO, keep: Callable[[object], object]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._keep = keep
+
+    def persistent_id(self, obj: object) -> object:
+        return self._keep(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    """An unpickler that turns each persistent id back into its object with ``restore(pid)``."""
+
+    def __init__(self, file: BinaryIO, restore: Callable[[Any], object]) -> None:
+        super().__init__(file)
+        self._restore = restore
+
+    def persistent_load(self, pid: Any) -> object:
+        return self._restore(pid)
+
+
+def _dumps(value: object, keep: Callable[[object], object]) -> bytes:
     buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.persistent_id = persistent_id
     try:
-        pickler.dump(value)
+        _Pickler(buffer, keep).dump(value)
     except Exception as exc:
         raise SerializationError(f'the value cannot be stored: {type(exc).__name__}: {exc}') from exc
     return buffer.getvalue()
 
 
-def _loads(data, persistent_load):
-    unpickler = pickle.Unpickler(io.BytesIO(data))
-    unpickler.persistent_load = persistent_load
-    return unpickler.load()
+def _loads(data: bytes, restore: Callable[[Any], object]) -> Any:
+    return _Unpickler(io.BytesIO(data), restore).load()
 
 
-def resolve(ref, timeout=None, hub=None):
+def resolve(ref: str, timeout: float | None = None, hub: Hub | None = None) -> Any:
     """The value bound at a full reference, such as ``'tcp:host:9600:naming/lab/printers/hp1'``.
 
     The part up to the first ``/`` names a context; the rest is looked up

@@ -27,12 +27,21 @@ becomes its reference string, which needs an address: a proxy that can only
 be reached over the connection that brought it does not pickle there.
 """
 
+from __future__ import annotations
+
 import pickle
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any
 
 from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError, SerializationError
 from .hub import getHub
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from concurrent.futures import Future
+
+    from .connection import Connection
 
 __all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'attach',
            'rebuild_here', 'rebuild_yours', 'rebuild_address']
@@ -57,16 +66,16 @@ class Ref:
 
     __slots__ = ('obj',)
 
-    def __init__(self, obj):
+    def __init__(self, obj: object) -> None:
         self.obj = obj
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<dopy.ref to {self.obj!r}>'
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Ref) and other.obj is self.obj
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return id(self.obj)
 
     def __reduce__(self):
@@ -77,7 +86,7 @@ class Ref:
         return connection.reduce_local(self.obj)
 
 
-def ref(obj):
+def ref(obj: object) -> Ref | RemoteObject:
     """A reference to ``obj`` for sending: the receiver gets a proxy whose calls run on ``obj`` here."""
     if isinstance(obj, (Ref, RemoteObject)):
         return obj
@@ -179,7 +188,8 @@ class RemoteObject:
     __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '_dopy_fetched',
                  '__weakref__')
 
-    def __init__(self, ref, name, connect, timeout=None, connection=None):
+    def __init__(self, ref: str, name: str, connect: Callable[[], Connection] | None,
+                 timeout: float | None = None, connection: Connection | None = None) -> None:
         self._dopy_ref = ref
         self._dopy_name = name
         self._dopy_timeout = timeout
@@ -189,30 +199,30 @@ class RemoteObject:
             self._dopy_link.use(connection)
         weakref.finalize(self, self._dopy_link.close)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> _Method:
         if name.startswith('_'):
             raise AttributeError(f'{name!r}: names starting with "_" are not forwarded to the remote object')
         return _Method(self, name)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self._dopy_ref
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<dopy.RemoteObject {self._dopy_ref}>'
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, RemoteObject):
             return NotImplemented
         return self._dopy_ref == other._dopy_ref
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self._dopy_ref)
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         # Without this, truth would ask the remote object for its len().
         return True
 
-    def __len__(self):
+    def __len__(self) -> int:
         # list(p), tuple(p) and sorted(p) ask for the length just after
         # iter(p), as a hint: the items iter(p) fetched answer it, so that
         # they cost one call, on an object without __len__ too.
@@ -223,19 +233,19 @@ class RemoteObject:
                 return fetched.count
         return self._dopy_call('__len__', (), {})
 
-    def __contains__(self, item):
+    def __contains__(self, item: object) -> bool:
         return self._dopy_call('__contains__', (item,), {})
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         return self._dopy_call('__getitem__', (key,), {})
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         self._dopy_call('__setitem__', (key, value), {})
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Any) -> None:
         self._dopy_call('__delitem__', (key,), {})
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         items = self._dopy_call('__iter__', (), {})
         fetched = _Fetched(len(items))
         iterator = _iterate(self, fetched, items)
@@ -253,10 +263,10 @@ class RemoteObject:
                 'so it cannot be pickled outside a DOPY call')
         return _rebuild, (self._dopy_ref,)
 
-    def __enter__(self):
+    def __enter__(self) -> RemoteObject:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self._dopy_link.close()
 
     def _dopy_call(self, method, args, kwargs, send='call'):
@@ -302,7 +312,7 @@ class _Method:
         self._proxy = proxy
         self._name = name
 
-    def __call__(self, /, *args, **kwargs):
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         # RemoteObject._dopy_call's work for a plain call, in one step: every call's path.
         proxy = self._proxy
         link = proxy._dopy_link
@@ -313,19 +323,19 @@ class _Method:
             link.failed(connection, exc)
             raise
 
-    def future(self, /, *args, **kwargs):
+    def future(self, /, *args: Any, **kwargs: Any) -> Future[Any]:
         """Start the call and return a ``concurrent.futures.Future`` of its result."""
         return self._proxy._dopy_call(self._name, args, kwargs, 'call_async')
 
-    def oneway(self, /, *args, **kwargs):
+    def oneway(self, /, *args: Any, **kwargs: Any) -> None:
         """Send the call and return None at once, without waiting for it to run."""
         self._proxy._dopy_call(self._name, args, kwargs, 'call_oneway')
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<remote method {self._name} of {self._proxy!r}>'
 
 
-def close(proxy):
+def close(proxy: RemoteObject) -> None:
     """Close the connection ``proxy`` owns; later calls on it raise ``ConnectionClosedError``."""
     if not isinstance(proxy, RemoteObject):
         raise TypeError(f'not a dopy.RemoteObject: {proxy!r}')

@@ -13,17 +13,23 @@ descriptor 0 at ``/dev/null``; both are given back when the connection
 ends.  Reference strings look like ``rsh:KEY:COMMAND``.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import subprocess
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .connection import Connection, translate_os_error
 from .errors import ConnectionClosedError
 from .hub import getHub, register_scheme
 from .proxy import RemoteObject
 from .streams import PipeStream
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ['remote', 'makeServer', 'wait', 'StdioServer', 'CHILD_EXIT_TIMEOUT']
 
@@ -37,7 +43,7 @@ _server = None
 _server_lock = threading.Lock()
 
 
-def remote(command, key, *, timeout=None, hub=None):
+def remote(command: str, key: str, *, timeout: float | None = None, hub: Hub | None = None) -> RemoteObject:
     """A proxy for the object ``key`` of the hub served by ``command``'s stdin and stdout.
 
     Closing the proxy (or shutting the hub down) ends the child's input and
@@ -99,7 +105,7 @@ def _reap(child, command):
 class StdioServer:
     """This process's hub served over its own stdin and stdout; see ``makeServer``."""
 
-    def __init__(self, hub):
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
         sys.stdout.flush()
         # The protocol gets descriptors of its own; 0 and 1 are pointed
@@ -127,7 +133,7 @@ class StdioServer:
         os.close(saved_in)
         os.close(saved_out)
 
-    def wait(self):
+    def wait(self) -> None:
         """Serve until the input ends (in THRD_NONE, by running the hub's loop)."""
         if self.hub.threaded:
             self.ended.wait()
@@ -135,12 +141,12 @@ class StdioServer:
         else:
             self.hub.loop.pump_until(self.ended.is_set, None)
 
-    def close(self):
+    def close(self) -> None:
         """End the connection now."""
         self.connection.close()
 
 
-def makeServer(hub=None):
+def makeServer(hub: Hub | None = None) -> StdioServer:
     """Serve ``hub`` (the process's hub by default) over this process's stdin and stdout."""
     global _server
     with _server_lock:
@@ -150,7 +156,7 @@ def makeServer(hub=None):
         return _server
 
 
-def wait():
+def wait() -> None:
     """Block until the input of the server ``makeServer`` started ends."""
     server = _server
     if server is None:

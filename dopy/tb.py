@@ -1,11 +1,13 @@
 """Traceback text that tells the whole story of a remote call: ``errorText``."""
 
+from __future__ import annotations
+
 import traceback
 
 __all__ = ['errorText']
 
 
-def errorText(exc):
+def errorText(exc: BaseException) -> str:
     """The local traceback, the remote frames and the exception line, as one text.
 
     For an exception raised by a remote method (one that has

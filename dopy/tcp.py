@@ -28,6 +28,8 @@ certificates lets peers from other hosts in without an authkey, since TLS
 has authenticated them.
 """
 
+from __future__ import annotations
+
 import errno
 import logging
 import os
@@ -39,6 +41,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import TYPE_CHECKING
 
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, OPEN_GREETING, ClientHandshake, ServerHandshake,
                    check_authkey, client_handshake, is_loopback, log_failure, server_handshake,
@@ -52,6 +55,9 @@ from .proxy import RemoteObject
 from .serveloop import AVAILABLE as _LOOP_AVAILABLE
 from .serveloop import ServeLoop
 from .streams import EarlyStream, SocketStream, TLSStream
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ['makeServer', 'remote', 'TCPServer', 'DEFAULT_PORT', 'DEFAULT_CONNECT_TIMEOUT']
 
@@ -77,8 +83,9 @@ PROTECTED_MODE_REFUSAL = (
 TOO_MANY_REFUSAL = 'this DOPY server is at its limit of {} connections; try again later'
 
 
-def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, insecure=False,
-               max_connections=None, ssl_context=None):
+def makeServer(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, *, hub: Hub | None = None,
+               authkey: bytes | None = None, insecure: bool = False, max_connections: int | None = None,
+               ssl_context: ssl.SSLContext | None = None) -> TCPServer:
     """Serve ``hub``'s objects (the process's hub by default) on a TCP port.
 
     ``host`` is the address to bind: ``'127.0.0.1'`` (the default) serves
@@ -98,7 +105,8 @@ def makeServer(port=DEFAULT_PORT, host=DEFAULT_HOST, *, hub=None, authkey=None, 
                      insecure, max_connections, ssl_context)
 
 
-def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_context=None):
+def remote(host: str, port: int, name: str, *, timeout: float | None = None, hub: Hub | None = None,
+           authkey: bytes | None = None, ssl_context: ssl.SSLContext | None = None) -> RemoteObject:
     """A proxy for the object published as ``name`` by the server at ``host:port``.
 
     An IPv6 ``host`` may come with or without brackets (``'::1'``, ``'[::1]'``).
@@ -127,8 +135,8 @@ def remote(host, port, name, *, timeout=None, hub=None, authkey=None, ssl_contex
 class TCPServer:
     """A listening socket that serves its hub's objects; see ``makeServer``."""
 
-    def __init__(self, port, host, hub, authkey=None, insecure=False, max_connections=None,
-                 ssl_context=None):
+    def __init__(self, port: int, host: str, hub: Hub, authkey: bytes | None = None, insecure: bool = False,
+                 max_connections: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f'port must be an int from 0 to 65535, not {port!r}')
         if max_connections is not None and not (isinstance(max_connections, int) and max_connections > 0):
@@ -175,20 +183,20 @@ class TCPServer:
         log.info('serving on %s', self.address)
 
     @property
-    def address(self):
+    def address(self) -> str:
         """``host:port`` as a client would name it."""
         return f'{_format_host(self.host or "0.0.0.0")}:{self.port}'
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f'<dopy.tcp.TCPServer {self.address}{" closed" if self._closed else ""}>'
 
-    def __enter__(self):
+    def __enter__(self) -> TCPServer:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def close(self, timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    def close(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
         """Stop listening, close every connection and join their threads. Idempotent.
 
         A thread still running a remote method after ``timeout`` seconds is
@@ -216,22 +224,22 @@ class TCPServer:
             self._close_fds()
         log.info('stopped serving on %s', self.address)
 
-    def peer_count(self):
+    def peer_count(self) -> int:
         """How many peers this server holds: served, or still in their handshake."""
         with self._lock:
             return len(self._peers)
 
-    def idle_threads(self):
+    def idle_threads(self) -> int:
         """How many of this server's threads wait for work: to serve, or for the next peer's handshake."""
         idle = self._threads.idle_count()
         return idle if self._loop is None else idle + self._loop.idle_count()
 
-    def connections(self):
+    def connections(self) -> list[Connection]:
         """The connections this server is serving now."""
         with self._lock:
             return [peer.connection for peer in self._peers if peer.connection is not None]
 
-    def advertise(self, local_ip):
+    def advertise(self, local_ip: str) -> str | None:
         """``tcp:IP:PORT`` if a peer that reached this host at ``local_ip`` can reach this server."""
         if self._closed:
             return None

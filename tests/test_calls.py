@@ -16,7 +16,7 @@ from unittest import mock
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import ROOT, raw_client, TIMEOUT, HubCase, each_mode, logged
+from tests.support import ROOT, raw_client, TIMEOUT, HubCase, each_mode, eventually, logged
 
 
 class Service:
@@ -304,6 +304,22 @@ class FuturesWithoutWaiting(HubCase):
         self.assertEqual(got, {'fine', KeyError})
 
 
+class Log:
+    """Keeps what it is given, in the order its calls ran."""
+
+    def __init__(self):
+        self.seen = []
+
+    def add(self, value):
+        self.seen.append(value)
+
+    def count(self):
+        return len(self.seen)
+
+    def echo(self, value):
+        return value
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class Pipelining(HubCase):
     def setUp(self):
@@ -335,15 +351,16 @@ class Pipelining(HubCase):
         self.assertEqual(future.result(TIMEOUT), 'late')
         self.assertFalse(future.cancelled())
 
-    def test_oneway_runs_in_order_before_a_later_call(self):
-        seen = []
-        self.hub.addObject('log', type('Log', (), {'add': lambda self, x: seen.append(x),
-                                                   'count': lambda self: len(seen)})())
-        log = self.proxy('log')
+    def test_every_oneway_call_runs_once_and_a_later_call_gets_its_own_result(self):
+        # In THRD_FUNC the oneway calls run in no set order, and may still be
+        # running when the later call returns.
+        log = Log()
+        proxy = self.serve(log, 'log')
         for i in range(100):
-            self.assertIsNone(log.add.oneway(i))
-        self.assertEqual(log.count(), 100)
-        self.assertEqual(seen, list(range(100)))
+            self.assertIsNone(proxy.add.oneway(i))
+        self.assertEqual(proxy.echo('after'), 'after')
+        eventually(lambda: len(log.seen) >= 100, 'all 100 oneway calls run')
+        self.assertEqual(sorted(log.seen), list(range(100)))
 
     def test_a_proxy_closed_with_a_future_in_flight_frees_its_connection_after_the_reply(self):
         future = self.p.wait_for_release.future('late')
@@ -368,6 +385,19 @@ class Pipelining(HubCase):
         self.client_hub.shutdown()
         self.hub.shutdown()
         self.assertFalse(any(t.name.startswith('dopy-') for t in threading.enumerate()))
+
+
+@each_mode(transports=('tcp', 'pipe'), modes=(dopy.THRD_CONN, dopy.THRD_NONE))
+class OnewayOrder(HubCase):
+    """The modes that run a connection's calls one at a time run its oneway calls in the order sent."""
+
+    def test_oneway_runs_in_order_before_a_later_call(self):
+        log = Log()
+        proxy = self.serve(log, 'log')
+        for i in range(100):
+            self.assertIsNone(proxy.add.oneway(i))
+        self.assertEqual(proxy.count(), 100)
+        self.assertEqual(log.seen, list(range(100)))
 
 
 @each_mode(transports=('tcp', 'pipe'))
