@@ -285,21 +285,38 @@ class PersistentNamingContext(NamingContext):
         return _loads(data, lambda ref: hub.makeRemoteObject(ref, hub.call_timeout, connect=False))
 
 
+# Python 3.13 refuses persistent_id (and persistent_load) set on a pickler
+# instance, so they are methods of subclasses, which every version accepts.
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, persistent_id):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._persistent_id = persistent_id
+
+    def persistent_id(self, obj):
+        return self._persistent_id(obj)
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, persistent_load):
+        super().__init__(file)
+        self._persistent_load = persistent_load
+
+    def persistent_load(self, pid):
+        return self._persistent_load(pid)
+
+
 def _dumps(value, persistent_id):
     buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.persistent_id = persistent_id
     try:
-        pickler.dump(value)
+        _Pickler(buffer, persistent_id).dump(value)
     except Exception as exc:
         raise SerializationError(f'the value cannot be stored: {type(exc).__name__}: {exc}') from exc
     return buffer.getvalue()
 
 
 def _loads(data, persistent_load):
-    unpickler = pickle.Unpickler(io.BytesIO(data))
-    unpickler.persistent_load = persistent_load
-    return unpickler.load()
+    return _Unpickler(io.BytesIO(data), persistent_load).load()
 
 
 def resolve(ref, timeout=None, hub=None):
