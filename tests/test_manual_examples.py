@@ -23,7 +23,11 @@ between). A script followed by no output is not run. ``data-test`` on a
 ``skip: REASON``       on an output: not run, for the reason given.
 
 Port 9600, which every example uses, is replaced by a free port, in the
-script and in the output shown.
+script and in the output shown; dopyserver and dopyclient, which take 9600
+when they are given no port, are given the free one.  Standard output and
+standard error are compared as one stream, as a terminal shows them.  A
+server's input ends once its client is done and it has printed as many
+lines as the page shows for it.
 """
 
 import concurrent.futures
