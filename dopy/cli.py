@@ -83,8 +83,9 @@ def server_main(argv=None):
             return 1
         hub.addObject(naming.DEFAULT_KEY, context)
     if args.stdio:
-        server = rsh.makeServer()
+        # The banner goes first: once the server runs, its first answer could overtake it.
         print('dopyserver: serving "test" over stdio', file=sys.stderr, flush=True)
+        server = rsh.makeServer()
         try:
             server.wait()
         except KeyboardInterrupt:

@@ -31,10 +31,15 @@ TEST_WATCHDOG = 120
 
 
 class Case(unittest.TestCase):
-    """A test that dumps every thread's stack and exits if it runs past the watchdog."""
+    """A test that dumps every thread's stack and exits if it runs past the watchdog.
+
+    A test meant to run longer, such as a soak, raises ``watchdog``.
+    """
+
+    watchdog = TEST_WATCHDOG
 
     def setUp(self):
-        faulthandler.dump_traceback_later(TEST_WATCHDOG, exit=True)
+        faulthandler.dump_traceback_later(self.watchdog, exit=True)
         self.addCleanup(faulthandler.cancel_dump_traceback_later)
 
 

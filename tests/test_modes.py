@@ -291,6 +291,25 @@ class StdioScripts(Case):
                                                                 'test of exceptions ok'])
                 self.assertIn('dopyserver: serving "test" over stdio', done.stderr)
 
+    def test_dopyserver_over_stdio_shows_its_banner_before_its_first_answer(self):
+        # The banner then comes first in a terminal where both show, as the manual
+        # prints it.  The server's first answer is raced against its banner, by a
+        # call that waits in its input from the start, a few times over.
+        hub = dopy.Hub()
+        self.addCleanup(hub.shutdown)
+        with tempfile.TemporaryDirectory() as folder:
+            banner = os.path.join(folder, 'banner')
+            command = f'{sys.executable} {os.path.join(ROOT, "dopyserver")} --stdio 2>{banner}'
+            for attempt in range(10):
+                proxy = dopy.rsh.remote(command, 'test', timeout=TIMEOUT, hub=hub)
+                try:
+                    self.assertEqual(proxy.echo(attempt), attempt)
+                    with open(banner) as f:
+                        self.assertEqual(f.read(), 'dopyserver: serving "test" over stdio\n',
+                                         f'attempt {attempt}')
+                finally:
+                    dopy.close(proxy)
+
     def test_over_real_ssh(self):
         sshd = shutil.which('sshd') or (os.path.exists('/usr/sbin/sshd') and '/usr/sbin/sshd')
         if not sshd:
