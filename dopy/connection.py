@@ -2,9 +2,8 @@
 
 Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
 a socket or a pair of pipes); a server's and a client's differ only in who
-reads.  A threaded TCP server has its loop read (``serve_in``: see
-``dopy.serveloop``), and ``on_ready`` reads and handles what came, in the
-loop's thread; other servers run ``serve()`` in a thread of the connection's own.
+reads.  A threaded server runs ``serve()`` in a thread of the connection's
+own, which sleeps in a blocking recv and runs the peer's calls in order.
 A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
@@ -58,7 +57,6 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
 from .hub import THRD_FUNC
-from .serveloop import ServeLoop, step_aside
 
 __all__ = ['Connection', 'translate_os_error', 'wait_ready']
 
@@ -343,61 +341,6 @@ class Connection:
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
         self._reader_thread.start()
 
-    def serve_in(self, loop):
-        """Have ``loop`` (a ``dopy.serveloop.ServeLoop``) read this connection and serve the peer's calls.
-
-        Returns False, having served nothing, if the connection is closed.
-        """
-        with self._lock:
-            if self._closed:
-                return False
-            self._reader_thread = loop
-            self._serving = True
-            self._recv_wait = None
-        # Bytes TLS decrypted during the handshake do not show on the descriptor.
-        if self._stream.pending() and not self.on_ready():
-            return False
-        with self._lock:
-            # Added under the lock that _shutdown closes under: a connection
-            # closing meanwhile is never added after its removal.
-            if self._closed:
-                return False
-            loop.add(self._stream.read_fd, self)
-        return True
-
-    def on_ready(self):
-        """The loop saw the stream readable: read once, and handle every whole frame, in this thread.
-
-        Returns False once the connection is closed, True to be read again.
-        """
-        # acquire and release rather than ``with``: half the cost, on every call's path.
-        lock = self._lock
-        lock.acquire()
-        if self._closed or self._reader is not None:
-            lock.release()
-            return False
-        self._reader = get_ident()
-        lock.release()
-        try:
-            receive = self._stream.recv_into
-            frame = self._receive(receive)
-            while True:
-                while frame is not None and not self._closed:
-                    self._handle(frame)
-                    frame = self._decoder.next_frame()
-                # A large frame in progress reads on while the socket has
-                # more; TLS may hold bytes the descriptor does not show.
-                if self._closed or not (self._decoder.pending or self._stream.pending()):
-                    break
-                frame = self._receive(receive)
-        except BlockingIOError:
-            pass
-        except Exception as exc:
-            self._ended(exc)
-        finally:
-            self._give_up_reading()
-        return not self._closed
-
     def serve(self):
         """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
         with self._lock:
@@ -515,8 +458,7 @@ class Connection:
         """
         self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
         thread = self._reader_thread
-        # A server's loop (serve_in) has its threads joined by its server.
-        if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def lookup(self, name):
@@ -774,7 +716,6 @@ class Connection:
             if frame is not None:
                 return frame
             if deadline is None and self._recv_wait is not None:
-                step_aside()
                 receive = self._recv_wait
             else:
                 receive = self._stream.recv_into
@@ -866,7 +807,6 @@ class Connection:
             self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
-        step_aside()
         wait_ready(poller, deadline, f'waiting for {self.peer}')
 
     def _lost(self, cause):
@@ -902,8 +842,6 @@ class Connection:
             self._imports.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
-        elif isinstance(self._reader_thread, ServeLoop):
-            self._reader_thread.remove(self._stream.read_fd)
         if reading:
             # Wakes the thread blocked reading this stream; it closes the
             # stream once no thread can be using its descriptors.
@@ -916,7 +854,6 @@ class Connection:
     def _sleep(self, deadline):
         """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
         remaining = _remaining(deadline)
-        step_aside()
         if self._cond is None:
             self._cond = threading.Condition(self._lock)
         self._sleepers += 1
