@@ -69,6 +69,15 @@ _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
 
 
+class _Owned(threading.local):
+    """The connection whose calls this thread runs (see ``Connection.serve``), if any."""
+
+    connection = None
+
+
+_owned = _Owned()
+
+
 def translate_os_error(exc, what):
     """The DOPY error for an ``OSError`` met while doing ``what``, chained to it."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -143,6 +152,14 @@ class Connection:
         self._reader = None
         self._reader_thread = None
         self._serving = False
+        # THRD_CONN: the thread that serves this connection (``serve``), and
+        # whether it is running a call rather than reading; calls that
+        # another thread reads meanwhile wait in the mailbox for it.
+        self._owner = None
+        self._owner_running = False
+        self._mailbox = deque()
+        # The connection the owner sleeps on, waiting for a reply, if any.
+        self._owner_waits_on = None
         self._refs_lock = threading.Lock()
         self._exports = {}
         self._export_names = {}
@@ -342,19 +359,96 @@ class Connection:
         self._reader_thread.start()
 
     def serve(self):
-        """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
+        """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``.
+
+        In THRD_CONN this thread is the connection's *owner*: every call the
+        peer sends runs on it, in order.  While it runs one, it still holds
+        the reading role, but a thread that waits for a reply on this
+        connection may take the role over; the calls that thread reads wait
+        in the mailbox, which the owner empties before it reads again and
+        whenever it waits for a reply itself.  So no reply waits for a
+        method, and no call leaves its thread.
+        """
+        me = get_ident()
         with self._lock:
             while self._reader is not None and not self._closed:
                 self._sleep(None)
-            self._reader = threading.get_ident()
+            self._reader = me
             self._serving = True
+            owning = self._threaded and not self._pooled
+            if owning:
+                self._owner = me
+        reading = True
         try:
-            while True:
-                self._handle(self._read_frame(None))
+            if not owning:
+                while True:
+                    self._handle(self._read_frame(None))
+            saved, _owned.connection = _owned.connection, self
+            try:
+                read_frame, handle, lock = self._read_frame, self._handle, self._lock
+                while True:
+                    frame = read_frame(None)
+                    kind = frame.kind
+                    if kind != wire.CALL and kind != wire.ONEWAY:
+                        handle(frame)
+                        continue
+                    # Unpickled while this thread still reads: the frame may
+                    # be a view of the decoder's buffer.
+                    call = dispatch.prepare(self.lookup, frame, self._loads)
+                    self._owner_running = True
+                    self._run(frame, call)
+                    lock.acquire()
+                    self._owner_running = False
+                    if self._reader == me and not self._mailbox:
+                        lock.release()
+                        continue
+                    lock.release()
+                    reading = False
+                    reading = self._take_back_reading()
+            finally:
+                _owned.connection = saved
         except Exception as exc:
             self._ended(exc)
         finally:
-            self._give_up_reading()
+            if reading:
+                self._give_up_reading()
+
+    def _take_back_reading(self):
+        """The owner, its call done: run the calls read meanwhile, then read again once the role is free.
+
+        Returns True holding the role; raises the connection's error once it is closed.
+        """
+        me = get_ident()
+        lock = self._lock
+        while True:
+            lock.acquire()
+            try:
+                if not self._mailbox:
+                    if self._closed:
+                        raise _fresh(self._error)
+                    if self._reader is None or self._reader == me:
+                        self._reader = me
+                        self._owner_running = False
+                        return True
+                    self._sleep(None)
+                    continue
+                self._owner_running = True
+            finally:
+                lock.release()
+            self._run_posted()
+
+    def _post(self, frame):
+        """A call read by a thread that is not its connection's owner: leave it in the owner's mailbox, and wake the owner."""
+        call = dispatch.prepare(self.lookup, frame, self._loads)
+        with self._lock:
+            self._mailbox.append((frame, call))
+            if self._sleepers:
+                self._cond.notify_all()
+        waits_on = self._owner_waits_on
+        if waits_on is not None and waits_on is not self:
+            with waits_on._lock:
+                if waits_on._sleepers:
+                    waits_on._cond.notify_all()
 
     def check_alive(self):
         """False if closed, or found hung up by the peer (without sending anything)."""
@@ -599,20 +693,52 @@ class Connection:
             self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
             return
         me = get_ident()
-        with self._lock:
+        # The connection whose calls this thread runs, if any: its calls read
+        # by another thread are run here while this thread waits.
+        owned = _owned.connection
+        lock = self._lock
+        lock.acquire()
+        try:
             while not waiter.done:
+                reader = self._reader
+                if reader == me:
+                    nested = True
+                    break
                 # A connection's reader thread, once it has one, does all
-                # the reading: replies and callbacks go one way only.
-                if self._reader is None and self._reader_thread is None:
+                # the reading, and so does a server connection's owner,
+                # but for while they run a call.
+                if reader is None:
+                    if self._reader_thread is None or self._owner_running:
+                        self._reader = me
+                        nested = False
+                        break
+                elif reader == self._owner and self._owner_running:
                     self._reader = me
                     nested = False
                     break
-                if self._reader == me:
-                    nested = True
-                    break
-                self._sleep(deadline)
+                if owned is not None and owned._mailbox:
+                    lock.release()
+                    try:
+                        owned._run_posted()
+                    finally:
+                        lock.acquire()
+                    continue
+                if owned is not None:
+                    owned._owner_waits_on = self
+                try:
+                    self._sleep(deadline)
+                finally:
+                    if owned is not None:
+                        owned._owner_waits_on = None
             else:
                 return
+            if nested and self._owner == me:
+                # The owner reads its own connection from inside a call: nobody may take the role from it now.
+                was_running, self._owner_running = self._owner_running, False
+            else:
+                was_running = None
+        finally:
+            lock.release()
         try:
             read_frame, handle = self._read_frame, self._handle
             while not waiter.done:
@@ -622,8 +748,17 @@ class Connection:
         except CommunicationError:
             pass  # _shutdown has already failed every waiter, this one included
         finally:
+            if was_running is not None:
+                self._owner_running = was_running
             if not nested:
                 self._give_up_reading()
+
+    def _run_posted(self):
+        """The owner runs the calls that other threads read for it, in the order they came."""
+        mailbox = self._mailbox
+        while mailbox:
+            frame, call = mailbox.popleft()
+            self._run(frame, call)
 
     def _give_up_reading(self):
         """This thread stops reading: wake the waiting threads, one of which will read next."""
@@ -640,6 +775,10 @@ class Connection:
         kind = frame.kind
         if kind == wire.CALL or kind == wire.ONEWAY:
             if not self._pooled:
+                owner = self._owner
+                if owner is not None and owner != get_ident():
+                    self._post(frame)
+                    return
                 self._reply(frame, dispatch.run(self.lookup, frame, self._loads))
                 return
             call = dispatch.prepare(self.lookup, frame, self._loads)

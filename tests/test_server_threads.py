@@ -191,6 +191,83 @@ class ConnectionsApart(HubCase):
         self.assertEqual([f.result(TIMEOUT) for f in futures], list(range(500)))
 
 
+class Notifier:
+    """Keeps a client's callback, to call it from another of the server's threads while a slow method runs."""
+
+    def __init__(self):
+        self.callback = None
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, callback):
+        self.callback = callback
+
+    def thread(self):
+        return threading.get_ident()
+
+    def slow(self):
+        self.entered.set()
+        if not self.release.wait(2 * TIMEOUT):
+            raise TimeoutError('never released')
+        return threading.get_ident()
+
+
+class Recorder:
+    def ping(self, value):
+        return ('pong', value)
+
+
+def call_in_thread(function, *args):
+    """``function(*args)`` in another thread, as a server's own thread would call; its result, bounded."""
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(function(*args)))
+    thread.start()
+    thread.join(TIMEOUT)
+    if not outcome:
+        raise AssertionError(f'no answer within {TIMEOUT} s')
+    return outcome[0]
+
+
+@each_mode(modes=(dopy.THRD_CONN, dopy.THRD_FUNC))
+class CallbacksBesideASlowMethod(HubCase):
+    """A callback over a client's connection is answered at once, whatever that connection's thread is running."""
+
+    def test_a_callback_from_another_server_thread_is_answered_while_the_connections_method_runs(self):
+        notifier = Notifier()
+        p = self.serve(notifier)
+        p.save(dopy.ref(Recorder()))
+        own_thread = p.thread()
+        slow = p.slow.future()
+        self.assertTrue(notifier.entered.wait(TIMEOUT))
+        behind = p.thread.future()
+        self.assertEqual(call_in_thread(notifier.callback.ping, 'note'), ('pong', 'note'))
+        if self.thread_mode == dopy.THRD_CONN:
+            # Read meanwhile by the thread that called back, and left for the connection's own thread.
+            self.assertFalse(behind.done())
+        notifier.release.set()
+        if self.thread_mode == dopy.THRD_CONN:
+            self.assertEqual(slow.result(TIMEOUT), own_thread)
+            self.assertEqual(behind.result(TIMEOUT), own_thread)
+        else:
+            slow.result(TIMEOUT)
+            behind.result(TIMEOUT)
+
+    def test_calls_read_by_another_thread_run_in_order_on_the_connections_thread(self):
+        notifier = Notifier()
+        p = self.serve(notifier)
+        p.save(dopy.ref(Recorder()))
+        own_thread = p.thread()
+        slow = p.slow.future()
+        self.assertTrue(notifier.entered.wait(TIMEOUT))
+        behind = [p.thread.future() for _ in range(20)]
+        for i in range(5):
+            self.assertEqual(call_in_thread(notifier.callback.ping, i), ('pong', i))
+        notifier.release.set()
+        threads = [slow.result(TIMEOUT)] + [f.result(TIMEOUT) for f in behind]
+        if self.thread_mode == dopy.THRD_CONN:
+            self.assertEqual(set(threads), {own_thread})
+
+
 def context_switches(native_ids):
     """Voluntary and involuntary context switches of these threads of this process, so far."""
     total = 0
