@@ -2,9 +2,8 @@
 
 Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
 a socket or a pair of pipes); a server's and a client's differ only in who
-reads.  A threaded TCP server has its loop read (``serve_in``: see
-``dopy.serveloop``), and ``on_ready`` reads and handles what came, in the
-loop's thread; other servers run ``serve()`` in a thread of the connection's own.
+reads.  A threaded server runs ``serve()`` in a thread of the connection's
+own, which sleeps in a blocking recv and runs the peer's calls in order.
 A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
@@ -58,7 +57,6 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
                      ConnectionLostError, NoSuchObjectError, ProtocolError,
                      SerializationError)
 from .hub import THRD_FUNC
-from .serveloop import ServeLoop, step_aside
 
 __all__ = ['Connection', 'translate_os_error', 'wait_ready']
 
@@ -69,6 +67,15 @@ _MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
+
+
+class _Owned(threading.local):
+    """The connection whose calls this thread runs (see ``Connection.serve``), if any."""
+
+    connection = None
+
+
+_owned = _Owned()
 
 
 def translate_os_error(exc, what, hint=''):
@@ -145,6 +152,14 @@ class Connection:
         self._reader = None
         self._reader_thread = None
         self._serving = False
+        # THRD_CONN: the thread that serves this connection (``serve``), and
+        # whether it is running a call rather than reading; calls that
+        # another thread reads meanwhile wait in the mailbox for it.
+        self._owner = None
+        self._owner_running = False
+        self._mailbox = deque()
+        # The connection the owner sleeps on, waiting for a reply, if any.
+        self._owner_waits_on = None
         self._refs_lock = threading.Lock()
         self._exports = {}
         self._export_names = {}
@@ -348,75 +363,97 @@ class Connection:
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
         self._reader_thread.start()
 
-    def serve_in(self, loop):
-        """Have ``loop`` (a ``dopy.serveloop.ServeLoop``) read this connection and serve the peer's calls.
-
-        Returns False, having served nothing, if the connection is closed.
-        """
-        with self._lock:
-            if self._closed:
-                return False
-            self._reader_thread = loop
-            self._serving = True
-            self._recv_wait = None
-        # Bytes TLS decrypted during the handshake do not show on the descriptor.
-        if self._stream.pending() and not self.on_ready():
-            return False
-        with self._lock:
-            # Added under the lock that _shutdown closes under: a connection
-            # closing meanwhile is never added after its removal.
-            if self._closed:
-                return False
-            loop.add(self._stream.read_fd, self)
-        return True
-
-    def on_ready(self):
-        """The loop saw the stream readable: read once, and handle every whole frame, in this thread.
-
-        Returns False once the connection is closed, True to be read again.
-        """
-        # acquire and release rather than ``with``: half the cost, on every call's path.
-        lock = self._lock
-        lock.acquire()
-        if self._closed or self._reader is not None:
-            lock.release()
-            return False
-        self._reader = get_ident()
-        lock.release()
-        try:
-            receive = self._stream.recv_into
-            frame = self._receive(receive)
-            while True:
-                while frame is not None and not self._closed:
-                    self._handle(frame)
-                    frame = self._decoder.next_frame()
-                # A large frame in progress reads on while the socket has
-                # more; TLS may hold bytes the descriptor does not show.
-                if self._closed or not (self._decoder.pending or self._stream.pending()):
-                    break
-                frame = self._receive(receive)
-        except BlockingIOError:
-            pass
-        except Exception as exc:
-            self._ended(exc)
-        finally:
-            self._give_up_reading()
-        return not self._closed
-
     def serve(self):
-        """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``."""
+        """Read in this thread, serving the peer's calls, until the peer leaves or ``close()``.
+
+        In THRD_CONN this thread is the connection's *owner*: every call the
+        peer sends runs on it, in order.  While it runs one, it still holds
+        the reading role, but a thread that waits for a reply on this
+        connection may take the role over; the calls that thread reads wait
+        in the mailbox, which the owner empties before it reads again and
+        whenever it waits for a reply itself.  So no reply waits for a
+        method, and no call leaves its thread.
+        """
+        me = get_ident()
         with self._lock:
             while self._reader is not None and not self._closed:
                 self._sleep(None)
-            self._reader = threading.get_ident()
+            self._reader = me
             self._serving = True
+            owning = self._threaded and not self._pooled
+            if owning:
+                self._owner = me
+        reading = True
         try:
-            while True:
-                self._handle(self._read_frame(None))
+            if not owning:
+                while True:
+                    self._handle(self._read_frame(None))
+            saved, _owned.connection = _owned.connection, self
+            try:
+                read_frame, handle, lock = self._read_frame, self._handle, self._lock
+                while True:
+                    frame = read_frame(None)
+                    kind = frame.kind
+                    if kind != wire.CALL and kind != wire.ONEWAY:
+                        handle(frame)
+                        continue
+                    # Unpickled while this thread still reads: the frame may
+                    # be a view of the decoder's buffer.
+                    call = dispatch.prepare(self.lookup, frame, self._loads)
+                    self._owner_running = True
+                    self._run(frame, call)
+                    lock.acquire()
+                    self._owner_running = False
+                    if self._reader == me and not self._mailbox:
+                        lock.release()
+                        continue
+                    lock.release()
+                    reading = False
+                    reading = self._take_back_reading()
+            finally:
+                _owned.connection = saved
         except Exception as exc:
             self._ended(exc)
         finally:
-            self._give_up_reading()
+            if reading:
+                self._give_up_reading()
+
+    def _take_back_reading(self):
+        """The owner, its call done: run the calls read meanwhile, then read again once the role is free.
+
+        Returns True holding the role; raises the connection's error once it is closed.
+        """
+        me = get_ident()
+        lock = self._lock
+        while True:
+            lock.acquire()
+            try:
+                if not self._mailbox:
+                    if self._closed:
+                        raise _fresh(self._error)
+                    if self._reader is None or self._reader == me:
+                        self._reader = me
+                        self._owner_running = False
+                        return True
+                    self._sleep(None)
+                    continue
+                self._owner_running = True
+            finally:
+                lock.release()
+            self._run_posted()
+
+    def _post(self, frame):
+        """A call read by a thread that is not its connection's owner: leave it in the owner's mailbox, and wake the owner."""
+        call = dispatch.prepare(self.lookup, frame, self._loads)
+        with self._lock:
+            self._mailbox.append((frame, call))
+            if self._sleepers:
+                self._cond.notify_all()
+        waits_on = self._owner_waits_on
+        if waits_on is not None and waits_on is not self:
+            with waits_on._lock:
+                if waits_on._sleepers:
+                    waits_on._cond.notify_all()
 
     def check_alive(self):
         """False if closed, or found hung up by the peer (without sending anything)."""
@@ -522,8 +559,7 @@ class Connection:
         """
         self._shutdown(ConnectionClosedError(f'connection with {self.peer} was closed'))
         thread = self._reader_thread
-        # A server's loop (serve_in) has its threads joined by its server.
-        if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def lookup(self, name):
@@ -668,20 +704,52 @@ class Connection:
             self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
             return
         me = get_ident()
-        with self._lock:
+        # The connection whose calls this thread runs, if any: its calls read
+        # by another thread are run here while this thread waits.
+        owned = _owned.connection
+        lock = self._lock
+        lock.acquire()
+        try:
             while not waiter.done:
+                reader = self._reader
+                if reader == me:
+                    nested = True
+                    break
                 # A connection's reader thread, once it has one, does all
-                # the reading: replies and callbacks go one way only.
-                if self._reader is None and self._reader_thread is None:
+                # the reading, and so does a server connection's owner,
+                # but for while they run a call.
+                if reader is None:
+                    if self._reader_thread is None or self._owner_running:
+                        self._reader = me
+                        nested = False
+                        break
+                elif reader == self._owner and self._owner_running:
                     self._reader = me
                     nested = False
                     break
-                if self._reader == me:
-                    nested = True
-                    break
-                self._sleep(deadline)
+                if owned is not None and owned._mailbox:
+                    lock.release()
+                    try:
+                        owned._run_posted()
+                    finally:
+                        lock.acquire()
+                    continue
+                if owned is not None:
+                    owned._owner_waits_on = self
+                try:
+                    self._sleep(deadline)
+                finally:
+                    if owned is not None:
+                        owned._owner_waits_on = None
             else:
                 return
+            if nested and self._owner == me:
+                # The owner reads its own connection from inside a call: nobody may take the role from it now.
+                was_running, self._owner_running = self._owner_running, False
+            else:
+                was_running = None
+        finally:
+            lock.release()
         try:
             read_frame, handle = self._read_frame, self._handle
             while not waiter.done:
@@ -691,8 +759,17 @@ class Connection:
         except CommunicationError:
             pass  # _shutdown has already failed every waiter, this one included
         finally:
+            if was_running is not None:
+                self._owner_running = was_running
             if not nested:
                 self._give_up_reading()
+
+    def _run_posted(self):
+        """The owner runs the calls that other threads read for it, in the order they came."""
+        mailbox = self._mailbox
+        while mailbox:
+            frame, call = mailbox.popleft()
+            self._run(frame, call)
 
     def _give_up_reading(self):
         """This thread stops reading: wake the waiting threads, one of which will read next."""
@@ -709,6 +786,10 @@ class Connection:
         kind = frame.kind
         if kind == wire.CALL or kind == wire.ONEWAY:
             if not self._pooled:
+                owner = self._owner
+                if owner is not None and owner != get_ident():
+                    self._post(frame)
+                    return
                 self._reply(frame, dispatch.run(self.lookup, frame, self._loads))
                 return
             call = dispatch.prepare(self.lookup, frame, self._loads)
@@ -786,7 +867,6 @@ class Connection:
             if frame is not None:
                 return frame
             if deadline is None and self._recv_wait is not None:
-                step_aside()
                 receive = self._recv_wait
             else:
                 receive = self._stream.recv_into
@@ -884,7 +964,6 @@ class Connection:
             self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
-        step_aside()
         wait_ready(poller, deadline, f'waiting for {self.peer}')
 
     def _lost(self, cause):
@@ -920,8 +999,6 @@ class Connection:
             self._imports.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
-        elif isinstance(self._reader_thread, ServeLoop):
-            self._reader_thread.remove(self._stream.read_fd)
         if reading:
             # Wakes the thread blocked reading this stream; it closes the
             # stream once no thread can be using its descriptors.
@@ -934,7 +1011,6 @@ class Connection:
     def _sleep(self, deadline):
         """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
         remaining = _remaining(deadline)
-        step_aside()
         if self._cond is None:
             self._cond = threading.Condition(self._lock)
         self._sleepers += 1

@@ -1,14 +1,12 @@
 """The TCP transport: ``makeServer`` to serve a hub's objects, ``remote`` to call them.
 
-In the threaded modes a server has an accept thread, and its connections
-are read by its loop (``dopy.serveloop``): one thread at a time waits for
-all of them, and reads and runs each call that comes (in THRD_FUNC, hands
-it to the hub's pool), one at a time per connection; a call that takes
-long has another thread take over the waiting.  An idle connection has no
-thread.  A handshake that must wait for the peer runs on a thread of a
-pool (``dopy.pool``), up to eight of them kept idle.  Where the system has
-no epoll, each connection has such a thread, which reads it and (in
-THRD_CONN) runs its calls.  In THRD_NONE the hub's loop accepts and reads.
+In the threaded modes a server has an accept thread, and each connection
+a thread of its own for its whole life: it does the handshake, then sleeps
+in a blocking recv and runs the connection's calls in order, itself (in
+THRD_FUNC it hands each to the hub's pool).  The threads come from a pool
+(``dopy.pool``) that keeps up to eight idle for the next peers, since
+starting a thread costs more than the rest of accepting a peer.  In
+THRD_NONE the hub's loop accepts and reads.
 A client connection has no thread of its own (see ``dopy.connection``).  Every socket has
 ``TCP_NODELAY``, so a small message leaves at once, and ``SO_KEEPALIVE``.
 
@@ -52,8 +50,6 @@ from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
 from .pool import Pool
 from .proxy import RemoteObject
-from .serveloop import AVAILABLE as _LOOP_AVAILABLE
-from .serveloop import ServeLoop
 from .streams import EarlyStream, SocketStream, TLSStream
 
 if TYPE_CHECKING:
@@ -159,12 +155,9 @@ class TCPServer:
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._peers = set()
-        # Threads for the handshakes that cannot be done at once (and, without
-        # epoll, for each connection), kept for the next peers: starting a
-        # thread costs more than the rest of accepting a peer.
-        self._threads = Pool(None, f'dopy-conn-{self.port}', max_idle=_MAX_IDLE_THREADS)
-        self._loop = (ServeLoop(f'dopy-serve-{self.port}', _MAX_IDLE_THREADS)
-                      if hub.threaded and _LOOP_AVAILABLE else None)
+        # A thread for each connection, kept for the next peer when it ends.
+        self._threads = Pool(None, f'dopy-conn-{self.port}', max_idle=_MAX_IDLE_THREADS,
+                             doing="running a connection's calls")
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         try:
@@ -217,8 +210,6 @@ class TCPServer:
         for peer in peers:
             peer.close()
         self._threads.shutdown(max(0.0, deadline - time.monotonic()))
-        if self._loop is not None:
-            self._loop.close(max(0.0, deadline - time.monotonic()))
         self.hub._remove_server(self)
         if self._accept_thread is None or not self._accept_thread.is_alive():
             self._close_fds()
@@ -230,9 +221,8 @@ class TCPServer:
             return len(self._peers)
 
     def idle_threads(self) -> int:
-        """How many of this server's threads wait for work: to serve, or for the next peer's handshake."""
-        idle = self._threads.idle_count()
-        return idle if self._loop is None else idle + self._loop.idle_count()
+        """How many of this server's threads are kept waiting for the next peer."""
+        return self._threads.idle_count()
 
     def connections(self) -> list[Connection]:
         """The connections this server is serving now."""
@@ -296,23 +286,17 @@ class TCPServer:
                 sock.close()
                 return
             refusal = self._refusal(address[0])
-            at_once = False
             if self.hub.threaded:
                 greeted = self._greet_early(peer) if refusal is None else None
                 if greeted is False:
                     sock.close()
                     return
-                # An OPEN greeting sent, nothing to hear back: served at once, no thread woken.
-                at_once = self._loop is not None and greeted is not None and greeted.done
-                if not at_once:
-                    # Under the lock: close() never misses a peer's thread.
-                    self._threads.submit(lambda: self._serve(peer, refusal, greeted))
+                # Under the lock: close() never misses a peer's thread.
+                self._threads.submit(lambda: self._serve(peer, refusal, greeted))
             self._peers.add(peer)
         log.debug('accepted %s', peer.name)
         if not self.hub.threaded:
             self._handshake_in_loop(peer, refusal)
-        elif at_once:
-            self._serve_in_loop(peer)
 
     def _greet_early(self, peer):
         """Send a plain connection's greeting from the accepting thread, so that the
@@ -367,15 +351,13 @@ class TCPServer:
             peer.sock.close()
             self.forget(peer)
             return
-        if self._loop is not None:
-            self._serve_in_loop(peer)
-        elif self._connect(peer):
-            threading.current_thread().name = f'dopy-conn-{peer.name}'
-            peer.connection.serve()
-
-    def _serve_in_loop(self, peer):
         if self._connect(peer):
-            peer.connection.serve_in(self._loop)
+            thread = threading.current_thread()
+            pooled_name, thread.name = thread.name, f'dopy-conn-{peer.name}'
+            try:
+                peer.connection.serve()
+            finally:
+                thread.name = pooled_name
 
     def _handshake_in_loop(self, peer, refusal):
         """THRD_NONE: the handshakes, driven by the loop, so that a slow peer stalls no one."""

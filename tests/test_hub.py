@@ -4,7 +4,6 @@ import socket
 import threading
 import time
 import unittest
-from unittest import mock
 
 import dopy
 import dopy.tcp
@@ -163,11 +162,7 @@ class Shutdown(HubCase):
         with self.assertRaises(dopy.CommunicationError):
             dopy.tcp.remote('127.0.0.1', server.port, 'e', timeout=TIMEOUT, hub=self.client_hub)
 
-    def test_without_epoll_new_peers_are_served_on_kept_threads_and_at_most_eight_wait(self):
-        # Where the system has no epoll, each connection has a thread of its own.
-        patcher = mock.patch('dopy.tcp._LOOP_AVAILABLE', False)
-        patcher.start()
-        self.addCleanup(patcher.stop)
+    def test_new_peers_are_served_on_kept_threads_and_at_most_eight_wait(self):
         served_on = []
 
         class Where:

@@ -435,3 +435,69 @@ class ContainerProtocol(TwoHubs):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class Relay:
+    """The middle hub's object: hands a callback on to a service on a third hub."""
+
+    def __init__(self, hub, port):
+        self.hub = hub
+        self.port = port
+        self.service = None
+
+    def relay(self, callback, value):
+        # Connected here, in the thread that serves: a THRD_NONE hub's loop.
+        if self.service is None:
+            self.service = dopy.tcp.remote('127.0.0.1', self.port, 'service', timeout=TIMEOUT,
+                                           hub=self.hub)
+        return self.service.call_back(callback, value)
+
+    def close(self):
+        if self.service is not None:
+            dopy.close(self.service)
+
+
+class ThreeHubs(unittest.TestCase):
+    """A callback passed on through a middle hub to a third one, in every mix of threading modes."""
+
+    def serving_hub(self, mode):
+        hub = dopy.Hub(threadMode=mode)
+        if mode == dopy.THRD_NONE:
+            loop = threading.Thread(target=hub.mainloop, kwargs={'console': False},
+                                    name=f'test-loop-{mode}')
+            loop.start()
+            self.addCleanup(lambda: self.assertFalse(loop.is_alive(), 'a hub loop did not stop'))
+            self.addCleanup(loop.join, TIMEOUT)
+        self.addCleanup(hub.shutdown)
+        return hub
+
+    def relay_once(self, client_mode, middle_mode, service_mode):
+        service_hub = self.serving_hub(service_mode)
+        service_hub.addObject('service', Service())
+        service_server = dopy.tcp.makeServer(0, hub=service_hub)
+        middle_hub = self.serving_hub(middle_mode)
+        middle_hub.addObject('relay', Relay(middle_hub, service_server.port))
+        middle_server = dopy.tcp.makeServer(0, hub=middle_hub)
+        # The client's calls drive its hub, whatever its mode: no loop of its own.
+        client_hub = dopy.Hub(threadMode=client_mode)
+        self.addCleanup(client_hub.shutdown)
+        relay = dopy.tcp.remote('127.0.0.1', middle_server.port, 'relay', timeout=TIMEOUT,
+                                hub=client_hub)
+        recorder = Recorder()
+        for value in ('first', 'second'):
+            self.assertEqual(relay.relay(dopy.ref(recorder), value)[:2], ('pong', value))
+        self.assertEqual(recorder.calls, ['first', 'second'])
+        relay.close()
+
+    def test_a_callback_relayed_through_a_middle_hub_is_called_back(self):
+        for client_mode in MODES_ALL:
+            for middle_mode in MODES_ALL:
+                for service_mode in MODES_ALL:
+                    with self.subTest(client=client_mode, middle=middle_mode, service=service_mode):
+                        try:
+                            self.relay_once(client_mode, middle_mode, service_mode)
+                        finally:
+                            self.doCleanups()
+
+
+MODES_ALL = (dopy.THRD_CONN, dopy.THRD_FUNC, dopy.THRD_NONE)
