@@ -440,6 +440,23 @@ class ServerInAnotherProcess(HubCase):
             self.assertIn('client', str(caught.exception))
             self.assertEqual(p.echo('usable'), 'usable')
 
+    @unittest.skipUnless(os.path.exists('/proc/self/status'), 'reads the RSS from /proc (Linux)')
+    def test_server_memory_comes_back_after_a_run_of_large_payloads(self):
+        payload = os.urandom(16 << 20)
+        calls = {'received and sent back': lambda p: len(p.echo(payload)),
+                 'received': lambda p: p.size(payload),
+                 'made and sent': lambda p: len(p.blob(len(payload)))}
+        for what, call in calls.items():
+            with self.subTest(payloads=what), ServerProcess() as server:
+                p = self.remote(server.port, timeout=TIMEOUT * 3)
+                start = p.rss_kib()
+                for _ in range(100):
+                    self.assertEqual(call(p), len(payload))
+                grown = p.rss_kib() - start
+                # Freed blocks this large go back to the system at once:
+                # what stays is a few MiB, well within 64.
+                self.assertLess(grown, 32 << 10, f'the server kept {grown >> 10} MiB more after the run')
+
     def test_server_killed_mid_call_fails_the_call_at_once_and_a_restart_reconnects(self):
         server = ServerProcess()
         port = server.port
