@@ -13,7 +13,8 @@ immutable from the moment anyone can see it.
 Where that function is out of reach (an interpreter other than CPython),
 ``new_buffer`` falls back to a ``bytearray``, and ``as_bytes`` copies.
 
-Such memory goes back to the system once freed: see ``give_back_large_blocks``.
+Large blocks of such memory go back to the system once freed, where the
+C library can be asked to: see ``give_back_large_blocks``.
 """
 
 import ctypes

@@ -36,15 +36,23 @@ def console_fd():
         return None
     if access == os.O_WRONLY:
         return None
-    if stat.S_ISCHR(info.st_mode):
-        if info.st_rdev == os.stat(os.devnull).st_rdev:
-            return None
-        try:
-            if os.tcgetpgrp(fd) != os.getpgrp():
-                return None
-        except OSError:
-            pass  # not this process's controlling terminal: reading it cannot stop the process
+    if stat.S_ISCHR(info.st_mode) and (_is_null(info) or _in_background(fd)):
+        return None
     return fd
+
+
+def _is_null(info):
+    try:
+        return info.st_rdev == os.stat(os.devnull).st_rdev
+    except OSError:
+        return False  # no /dev/null here (a bare chroot, say)
+
+
+def _in_background(fd):
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False  # not this process's controlling terminal: reading it cannot stop the process
 
 
 class Console:
