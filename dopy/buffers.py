@@ -12,11 +12,15 @@ immutable from the moment anyone can see it.
 
 Where that function is out of reach (an interpreter other than CPython),
 ``new_buffer`` falls back to a ``bytearray``, and ``as_bytes`` copies.
+
+Large blocks of such memory go back to the system once freed, where the
+C library can be asked to: see ``give_back_large_blocks``.
 """
 
 import ctypes
+import os
 
-__all__ = ['new_buffer', 'as_bytes']
+__all__ = ['new_buffer', 'as_bytes', 'give_back_large_blocks', 'LARGE_BLOCK']
 
 try:
     _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -51,3 +55,51 @@ def as_bytes(buffer):
     if type(data) is bytes and len(data) == view.nbytes:
         return data
     return bytes(view)
+
+
+# glibc's malloc takes a block of its mmap threshold or more (128 KiB at
+# first) from a mapping of its own, unmapped when the block is freed; but
+# each such free raises the threshold to the block's size, up to 32 MiB.
+# After the first large payload, then, the next ones come from the heap of
+# the thread that receives them, and stay there once freed: after a run of
+# 16 MiB payloads, tens of MiB per thread.  A threshold set with mallopt
+# stays where it is set, and other C libraries need none of this.  The
+# trim threshold, which setting one fixes as well, is set as glibc would
+# move it, to twice the mmap threshold: free memory at the top of a heap is
+# kept up to that much, so that smaller payloads reuse it.
+LARGE_BLOCK = 4 << 20
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _glibc_mallopt():
+    if ({'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'} & set(os.environ)
+            or '_threshold' in os.environ.get('GLIBC_TUNABLES', '')):
+        return None  # the user's choice stands
+    try:
+        if not os.confstr('CS_GNU_LIBC_VERSION'):
+            return None
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError):
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return mallopt
+
+
+_mallopt = _glibc_mallopt()
+
+
+def give_back_large_blocks():
+    """From now on, have every freed block of ``LARGE_BLOCK`` bytes or more go back to the system.
+
+    Called when a large payload first comes or goes, so that a process
+    that never moves one keeps its C library's settings; later calls do
+    nothing.  With glibc it fixes malloc's mmap and trim thresholds, unless
+    the environment sets either (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES); elsewhere it does nothing.
+    """
+    global _mallopt
+    mallopt, _mallopt = _mallopt, None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)
+        mallopt(_M_TRIM_THRESHOLD, 2 * LARGE_BLOCK)

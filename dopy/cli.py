@@ -41,7 +41,9 @@ def server_main(argv=None):
         prog='dopyserver',
         description='Serve a DOPY test object (named "test") over TCP. While it serves, '
                     'each line typed on standard input runs as Python, with "hub" and '
-                    '"dopy" at hand; end of input or Ctrl-C stops the server.')
+                    '"dopy" at hand; end of input, Ctrl-C or SIGTERM stops the server. '
+                    'With no input to read (/dev/null, closed, or a terminal it runs in '
+                    'the background of), it serves until Ctrl-C or SIGTERM.')
     parser.add_argument('--host', default=tcp.DEFAULT_HOST,
                         help='address to listen on (default %(default)s: this machine only; '
                              '"" for every interface). Anyone who can reach the port can '
@@ -52,6 +54,9 @@ def server_main(argv=None):
                         help='serve over standard input and output instead of TCP, for '
                              'dopy.rsh.remote("ssh HOST dopyserver --stdio", "test"); '
                              'no console, and it stops at the end of its input')
+    parser.add_argument('--no-console', action='store_true',
+                        help='read no standard input: serve until Ctrl-C or SIGTERM '
+                             '(as a service, or under nohup)')
     parser.add_argument('--thread-mode', choices=(THRD_CONN, THRD_FUNC, THRD_NONE), default=THRD_CONN,
                         help='how calls are run: a thread per connection (default), '
                              'a thread per call, or no threads at all')
@@ -112,7 +117,7 @@ def server_main(argv=None):
         # The banner is printed in here so that a Ctrl-C as soon as it shows
         # is already a clean stop.
         print(banner, file=sys.stderr, flush=True)
-        hub.mainloop(namespace=names)
+        hub.mainloop(console=not args.no_console, namespace=names)
     except KeyboardInterrupt:
         pass
     finally:

@@ -7,12 +7,52 @@ Python's buffered ``sys.stdin`` cannot be waited on that way.
 
 import code
 import codecs
+import fcntl
 import os
+import stat
 import sys
 
-__all__ = ['Console', 'CHUNK']
+__all__ = ['Console', 'CHUNK', 'console_fd']
 
 CHUNK = 65536
+
+
+def console_fd():
+    """Standard input's descriptor if a console can read it, else None.
+
+    There is no console to read when standard input is closed or no file;
+    when it is open for writing only (``nohup`` puts /dev/null there that
+    way); when it is the null device, the input of a background job of a
+    script or of a service, which has nothing to say: its end of file does
+    not mean "stop" as a script's does; and when it is a terminal whose
+    foreground is another process group, a shell's background job, which
+    reading would stop (SIGTTIN).
+    """
+    try:
+        fd = sys.stdin.fileno()
+        info = os.fstat(fd)
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except (AttributeError, ValueError, OSError):
+        return None
+    if access == os.O_WRONLY:
+        return None
+    if stat.S_ISCHR(info.st_mode) and (_is_null(info) or _in_background(fd)):
+        return None
+    return fd
+
+
+def _is_null(info):
+    try:
+        return info.st_rdev == os.stat(os.devnull).st_rdev
+    except OSError:
+        return False  # no /dev/null here (a bare chroot, say)
+
+
+def _in_background(fd):
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False  # not this process's controlling terminal: reading it cannot stop the process
 
 
 class Console:

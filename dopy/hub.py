@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import ssl
 import sys
 import threading
@@ -32,7 +33,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .console import CHUNK, Console
+from .console import CHUNK, Console, console_fd
 from .errors import ConnectionClosedError, DopyError, NoSuchObjectError
 from .loop import Loop
 from .pool import Pool
@@ -270,29 +271,36 @@ class Hub:
             raise KeyError(f'no reactor for {fileobj!r}')
 
     def mainloop(self, console: bool = True, namespace: dict[str, Any] | None = None) -> None:
-        """Serve until end of input, Ctrl-C or ``shutdown()``, running typed lines meanwhile.
+        """Serve until end of input, Ctrl-C, SIGTERM or ``shutdown()``, running typed lines meanwhile.
 
         With ``console=True`` each line read from standard input is executed
         as Python in a namespace holding ``hub``, ``dopy`` and whatever
         ``namespace`` adds, while requests are served (on threads, or, in
-        THRD_NONE, by this same loop); with ``console=False`` it serves until
-        ``shutdown()``.  Reactors run here.  It does not shut the hub down:
-        call ``shutdown()`` after it, or let the process exit.
+        THRD_NONE, by this same loop).  With ``console=False``, or with no
+        standard input a console can read (see ``dopy.console.console_fd``:
+        closed, /dev/null, a background job's terminal), it serves until
+        ``shutdown()``, Ctrl-C or SIGTERM.  Reactors run here.  It does not
+        shut the hub down: call ``shutdown()`` after it, or let the process
+        exit.
         """
         if self.closed:
             self._shut_down.wait(self._shutdown_timeout + 1.0)
             return
-        stdin = _stdin_fd() if console else None
+        stdin = console_fd() if console else None
         if stdin is not None:
             names = {'__name__': '__console__', 'hub': self, 'dopy': sys.modules[__package__]}
             names.update(namespace or {})
             shell = Console(names, stdin, lambda: self.closed or self.loop.stopping)
 
             def on_input(fd):
-                data = os.read(fd, CHUNK)
                 # A line that waits for a call runs this loop (THRD_NONE):
                 # input typed meanwhile waits for it rather than interleave.
                 self.loop.remove_reader(stdin)
+                try:
+                    data = os.read(fd, CHUNK)
+                except OSError as exc:
+                    log.warning('the console cannot read its input (%s): serving on without it', exc)
+                    return
                 if not shell.feed(data):
                     self.loop.stop()
                 elif not (self.closed or self.loop.stopping):
@@ -302,7 +310,10 @@ class Hub:
             shell.prompt()
         self._loop_thread = threading.current_thread()
         try:
-            self.loop.run(lambda: self.closed)
+            with self.loop.watching_signals(signal.SIGTERM) as caught:
+                self.loop.run(lambda: self.closed or caught)
+            if caught:
+                log.info('mainloop ended by signal %d', caught[0])
         except KeyboardInterrupt:
             log.info('mainloop interrupted')
             if stdin is not None:
@@ -404,13 +415,6 @@ def _completed_settings(*, threadMode=THRD_CONN, pool_size=DEFAULT_POOL_SIZE,
     return {'threadMode': threadMode, 'pool_size': pool_size,
             'max_message_size': max_message_size, 'call_timeout': call_timeout,
             'authkey': authkey, 'ssl_context': ssl_context}
-
-
-def _stdin_fd():
-    try:
-        return sys.stdin.fileno()
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 _hub = None

@@ -9,11 +9,13 @@ a connection has decoded but not yet handled) is offered again before the
 loop blocks.  Only one thread runs a hub's loop at a time.
 """
 
+import contextlib
 import heapq
 import itertools
 import logging
 import os
 import selectors
+import signal
 import threading
 import time
 
@@ -127,6 +129,42 @@ class Loop:
                 self.run_once(None)
         finally:
             self._leave()
+
+    @contextlib.contextmanager
+    def watching_signals(self, *signums):
+        """While in it, catch ``signums`` and wake the loop for them; yields the list of those caught.
+
+        Pass ``lambda: caught`` (or more) as ``run``'s ``finished`` to end
+        it on one.  Only on the main thread, where Python runs signal
+        handlers, and only signals still handled the default way: an
+        application's own handler stays.  Every signal's number goes down
+        the wake-up pipe, so that ``select`` wakes even when another
+        thread received the signal, and a handler (Ctrl-C's
+        ``KeyboardInterrupt`` too) runs at once.
+        """
+        caught = []
+        if threading.current_thread() is not threading.main_thread():
+            yield caught
+            return
+
+        def handler(signum, frame):
+            # Nothing that takes a lock: the signal may have come while
+            # this very thread held it.
+            caught.append(signum)
+
+        previous = {signum: signal.signal(signum, handler) for signum in signums
+                    if signal.getsignal(signum) == signal.SIG_DFL}
+        wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        if wakeup != -1:
+            # Someone else's (an asyncio loop's): theirs it stays.
+            signal.set_wakeup_fd(wakeup)
+        try:
+            yield caught
+        finally:
+            if wakeup == -1:
+                signal.set_wakeup_fd(-1)
+            for signum, action in previous.items():
+                signal.signal(signum, action)
 
     def pump_until(self, done, deadline, write_fd=None):
         """Run the loop until ``done()`` is true; None, or ``CallTimeoutError`` at ``deadline``.

@@ -42,7 +42,7 @@ import pickle
 import struct
 from collections import deque, namedtuple
 
-from .buffers import as_bytes, new_buffer
+from .buffers import LARGE_BLOCK, as_bytes, give_back_large_blocks, new_buffer
 from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
@@ -152,8 +152,11 @@ class _Buffers(list):
 
     def keep_large(self, buf):
         """A pickler's ``buffer_callback``: true keeps ``buf`` inside the pickle."""
-        if buf.raw().nbytes < OUT_OF_BAND_THRESHOLD:
+        nbytes = buf.raw().nbytes
+        if nbytes < OUT_OF_BAND_THRESHOLD:
             return True
+        if nbytes >= LARGE_BLOCK:
+            give_back_large_blocks()
         self.append(buf)
         return False
 
@@ -399,6 +402,8 @@ class _LargeFrame:
 
     def __init__(self, header):
         kind, nbuf, request_id, length = header
+        if length >= LARGE_BLOCK:
+            give_back_large_blocks()
         self.header = header
         self.views = [memoryview(bytearray(nbuf * _LENGTH_SIZE if nbuf else length))]
         self.index = 0

@@ -30,6 +30,12 @@ class Service:
     def echo(self, value):
         return value
 
+    def blob(self, size):
+        return b'x' * size
+
+    def size(self, value):
+        return len(value)
+
     def pid(self):
         return os.getpid()
 

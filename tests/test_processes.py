@@ -13,8 +13,8 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import (MODES, ROOT, TIMEOUT, HubCase, ServerProcess, child_env, read_line, spawn,
-                           stop)
+from tests.support import (FIXTURE_SERVER, MODES, ROOT, TIMEOUT, HubCase, ServerProcess, child_env,
+                           eventually, read_line, spawn, stop)
 
 DOPYSERVER = os.path.join(ROOT, 'dopyserver')
 DOPYCLIENT = os.path.join(ROOT, 'dopyclient')
@@ -82,17 +82,16 @@ class ScriptSecurity(unittest.TestCase):
 
 
 class ConsoleInput(unittest.TestCase):
-    def test_dopyserver_reads_its_console_from_a_file_or_dev_null_in_every_mode(self):
+    def test_dopyserver_runs_a_file_as_its_console_and_stops_at_its_end_in_every_mode(self):
         for mode in MODES:
-            for lines in ("print('from the file', 6 * 7)\n", None):
-                with self.subTest(mode=mode, input='file' if lines else '/dev/null'):
+            for lines in ("print('from the file', 6 * 7)\n", ''):
+                with self.subTest(mode=mode, input='file' if lines else 'empty file'):
                     with tempfile.TemporaryFile('w+') as script:
-                        if lines:
-                            script.write(lines)
-                            script.seek(0)
+                        script.write(lines)
+                        script.seek(0)
                         result = subprocess.run(
                             [sys.executable, DOPYSERVER, '--port', '0', '--thread-mode', mode],
-                            stdin=script if lines else subprocess.DEVNULL, capture_output=True,
+                            stdin=script, capture_output=True,
                             text=True, timeout=TIMEOUT * 3, cwd=ROOT, env=child_env())
                     self.assertEqual(result.returncode, 0, result.stderr)
                     self.assertNotIn('Traceback', result.stderr)
@@ -321,6 +320,138 @@ class InstalledInAVenv(unittest.TestCase):
         self.assertIn('usage: dopyclient', done.stdout)
 
 
+class WithoutAConsole(HubCase):
+    """Servers with no input to read serve until SIGTERM (or Ctrl-C), then stop cleanly."""
+
+    def start(self, command, stdin, banner_from='stderr', **kwargs):
+        """Start ``command`` with ``stdin``; its port, from dopyserver's banner or ``PORT n``."""
+        proc = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT, **kwargs)
+        self.addCleanup(self.reap, proc)
+        line = read_line(getattr(proc, banner_from))
+        self.assertRegex(line, r'(serving|PORT)', line)
+        return proc, int(line.rsplit(':', 1)[1] if 'serving' in line else line.split()[1])
+
+    def reap(self, proc):
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+    def assert_serves_until_sigterm(self, proc, port, name='test', pid=None):
+        pid = pid or proc.pid
+        p = dopy.tcp.remote('127.0.0.1', port, name, timeout=TIMEOUT, hub=self.client_hub)
+        self.assertEqual(p.echo('served'), 'served')
+        dopy.close(p)
+        # The server serves before its mainloop begins, which catches SIGTERM.
+        eventually(lambda: catches(pid, signal.SIGTERM), 'catching SIGTERM')
+        os.kill(pid, signal.SIGTERM)
+        status, out, err = stop(proc)
+        self.assertEqual(status, 0, err)
+        self.assertNotIn('Traceback', err)
+        return out, err
+
+    def test_dopyserver_with_standard_input_closed_serves_until_sigterm(self):
+        proc, port = self.start(['sh', '-c', 'exec "$@" 0<&-', 'sh', sys.executable, DOPYSERVER,
+                                 '--port', '0'], subprocess.PIPE)
+        self.assert_serves_until_sigterm(proc, port)
+
+    def test_dopyserver_with_standard_input_open_for_writing_only_serves_until_sigterm(self):
+        # What nohup makes of a terminal: /dev/null, opened for writing.
+        null = os.open(os.devnull, os.O_WRONLY)
+        self.addCleanup(os.close, null)
+        proc, port = self.start([sys.executable, DOPYSERVER, '--port', '0'], null)
+        self.assert_serves_until_sigterm(proc, port)
+
+    def test_dopyserver_whose_standard_input_fails_to_read_says_so_and_serves_until_sigterm(self):
+        # A socket that is not connected: ready at once, then ENOTCONN.
+        unconnected = socket.socket()
+        self.addCleanup(unconnected.close)
+        proc, port = self.start([sys.executable, DOPYSERVER, '--port', '0'], unconnected.fileno())
+        _, err = self.assert_serves_until_sigterm(proc, port)
+        self.assertIn('cannot read its input', err)
+
+    def test_dopyserver_with_standard_input_from_dev_null_serves_until_sigterm_in_every_mode(self):
+        for mode in MODES:
+            with self.subTest(mode=mode):
+                proc, port = self.start([sys.executable, DOPYSERVER, '--port', '0', '--thread-mode', mode],
+                                        subprocess.DEVNULL)
+                self.assert_serves_until_sigterm(proc, port)
+
+    def test_dopyserver_no_console_reads_no_input_and_serves_until_sigterm(self):
+        proc, port = self.start([sys.executable, DOPYSERVER, '--port', '0', '--no-console'], subprocess.PIPE)
+        proc.stdin.write('print("this line does not run")\n')
+        proc.stdin.flush()
+        out, _ = self.assert_serves_until_sigterm(proc, port)
+        self.assertEqual(out, '')
+
+    def test_sigterm_stops_a_console_server_with_status_zero(self):
+        proc, port = self.start([sys.executable, DOPYSERVER, '--port', '0'], subprocess.PIPE)
+        self.assert_serves_until_sigterm(proc, port)
+
+    def test_a_script_s_mainloop_returns_on_sigterm_so_that_its_shutdown_runs(self):
+        # fixture_server.py calls hub.shutdown() after mainloop(): the
+        # default SIGTERM would end it with status -15 instead.
+        proc, port = self.start([sys.executable, FIXTURE_SERVER], subprocess.DEVNULL, banner_from='stdout')
+        self.assert_serves_until_sigterm(proc, port, name='service')
+
+    def test_a_background_job_on_a_terminal_serves_and_leaves_typed_lines_alone(self):
+        master, proc, pid, port = self.start_on_a_terminal(background=True)
+        os.write(master, b'print("typed", 6 * 7)\n')
+        out, _ = self.assert_serves_until_sigterm(proc, port, pid=pid)
+        self.assertNotIn('typed 42', out)
+
+    def test_a_foreground_job_on_a_terminal_runs_typed_lines(self):
+        master, proc, pid, port = self.start_on_a_terminal(background=False)
+        os.write(master, b'print("typed", 6 * 7)\n')
+        self.assertIn('typed 42', read_line(proc.stdout))
+        self.assert_serves_until_sigterm(proc, port, pid=pid)
+
+    def start_on_a_terminal(self, background):
+        """dopyserver with a pseudo-terminal for its terminal, in its foreground or in the background.
+
+        A launcher makes the terminal its session's and so its own group
+        the foreground; dopyserver, its child, gets a process group of its
+        own when ``background``, as a shell's ``dopyserver &`` does.
+        """
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        try:
+            proc, port = self.start([sys.executable, '-c', TERMINAL_LAUNCHER, DOPYSERVER, str(background)],
+                                    slave, start_new_session=True)
+        finally:
+            os.close(slave)
+        pid = int(read_line(proc.stdout).split()[1])
+        self.addCleanup(lambda: proc.poll() is None and os.kill(pid, signal.SIGKILL))
+        return master, proc, pid, port
+
+
+def catches(pid, signum):
+    """Whether process ``pid`` has a handler for ``signum`` (Linux's /proc)."""
+    with open(f'/proc/{pid}/status') as status:
+        for line in status:
+            if line.startswith('SigCgt:'):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+# Run as "python3 -c TERMINAL_LAUNCHER DOPYSERVER BACKGROUND" in a session of
+# its own, its standard input a pseudo-terminal: prints "PID n", relays
+# dopyserver's output and exits with its status.
+TERMINAL_LAUNCHER = """
+import fcntl, os, subprocess, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+server = subprocess.Popen([sys.executable, sys.argv[1], '--port', '0'], stdout=subprocess.PIPE,
+                          preexec_fn=os.setpgrp if sys.argv[2] == 'True' else None)
+os.write(1, f'PID {server.pid}\\n'.encode())
+while True:
+    data = os.read(server.stdout.fileno(), 4096)
+    if not data:
+        break
+    os.write(1, data)
+sys.exit(server.wait())
+"""
+
+
 def stop_with_input(proc, text):
     try:
         out, err = proc.communicate(text, timeout=TIMEOUT)
@@ -419,6 +550,23 @@ class ServerInAnotherProcess(HubCase):
                 p.server_only_value()
             self.assertIn('client', str(caught.exception))
             self.assertEqual(p.echo('usable'), 'usable')
+
+    @unittest.skipUnless(os.path.exists('/proc/self/status'), 'reads the RSS from /proc (Linux)')
+    def test_server_memory_comes_back_after_a_run_of_large_payloads(self):
+        payload = os.urandom(16 << 20)
+        calls = {'received and sent back': lambda p: len(p.echo(payload)),
+                 'received': lambda p: p.size(payload),
+                 'made and sent': lambda p: len(p.blob(len(payload)))}
+        for what, call in calls.items():
+            with self.subTest(payloads=what), ServerProcess() as server:
+                p = self.remote(server.port, timeout=TIMEOUT * 3)
+                start = p.rss_kib()
+                for _ in range(100):
+                    self.assertEqual(call(p), len(payload))
+                grown = p.rss_kib() - start
+                # Freed blocks this large go back to the system at once:
+                # what stays is a few MiB, well within 64.
+                self.assertLess(grown, 32 << 10, f'the server kept {grown >> 10} MiB more after the run')
 
     def test_server_killed_mid_call_fails_the_call_at_once_and_a_restart_reconnects(self):
         server = ServerProcess()
