@@ -58,7 +58,7 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
                      SerializationError)
 from .hub import THRD_FUNC
 
-__all__ = ['Connection', 'translate_os_error', 'wait_ready']
+__all__ = ['Connection', 'translate_os_error', 'wait_ready', 'HANG_UP_CHECK_INTERVAL']
 
 log = logging.getLogger('dopy.connection')
 
@@ -67,6 +67,9 @@ _MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
+# A connection in use is asked whether its peer hung up at most this often
+# (seconds): a call sooner than that after the peer closed may fail, unsent again.
+HANG_UP_CHECK_INTERVAL = 0.5
 
 
 class _Owned(threading.local):
@@ -152,6 +155,8 @@ class Connection:
         self._reader = None
         self._reader_thread = None
         self._serving = False
+        # Just connected: as good as checked.
+        self._checked_at = time.monotonic()
         # THRD_CONN: the thread that serves this connection (``serve``), and
         # whether it is running a call rather than reading; calls that
         # another thread reads meanwhile wait in the mailbox for it.
@@ -455,10 +460,20 @@ class Connection:
                 if waits_on._sleepers:
                     waits_on._cond.notify_all()
 
-    def check_alive(self):
-        """False if closed, or found hung up by the peer (without sending anything)."""
+    def check_alive(self, always=False):
+        """False if closed, or found hung up by the peer (without sending anything).
+
+        The peer is asked (a system call) only if it was not asked in the
+        last ``HANG_UP_CHECK_INTERVAL`` seconds, or ``always``: a connection
+        in steady use costs no more than a send and a receive per call.
+        """
         if self._closed:
             return False
+        if not always:
+            now = time.monotonic()
+            if now - self._checked_at < HANG_UP_CHECK_INTERVAL:
+                return True
+            self._checked_at = now
         try:
             # Asked without reading anything, so it is safe beside a reading
             # thread.  Asked even where a reader thread would find the hang-up

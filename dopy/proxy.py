@@ -96,23 +96,28 @@ def ref(obj: object) -> Ref | RemoteObject:
 class _Link:
     """A proxy's use of a connection, and how to open a new one (``connect`` is None if it cannot)."""
 
-    __slots__ = ('connect', 'connection', 'lock', 'closed', '__weakref__')
+    __slots__ = ('connect', 'connection', 'borrowed', 'lock', 'closed', '__weakref__')
 
     def __init__(self, connect):
         self.connect = connect
         self.connection = None
+        # True while the connection is one that brought a reference with an
+        # address (see ``attach``): the peer may have closed it a moment
+        # ago, with no call of this proxy's to tell, and the call can go
+        # over a new connection instead; so it is checked before every call.
+        self.borrowed = False
         self.lock = threading.Lock()
         self.closed = False
 
     def get(self):
         connection = self.connection
-        if connection is not None and connection.check_alive():
+        if connection is not None and connection.check_alive(self.borrowed):
             return connection
         with self.lock:
             if self.closed:
                 raise ConnectionClosedError('this proxy was closed')
             connection = self.connection
-            if connection is not None and connection.check_alive():
+            if connection is not None and connection.check_alive(self.borrowed):
                 return connection
             if connection is not None:
                 self.connection = None
@@ -124,6 +129,7 @@ class _Link:
             connection = self.connect()
             connection.acquire()
             self.connection = connection
+            self.borrowed = False
             return connection
 
     def failed(self, connection, error):
@@ -139,6 +145,7 @@ class _Link:
     def use(self, connection):
         with self.lock:
             old, self.connection = self.connection, connection
+            self.borrowed = self.connect is not None
             connection.acquire()
         if old is not None:
             old.release()

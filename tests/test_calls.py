@@ -560,6 +560,44 @@ class ServerGoesAway(HubCase):
         self.server = dopy.tcp.makeServer(port, hub=self.hub)
         self.assertEqual(p.echo(3), 3)
 
+    def count_hang_up_checks(self, proxy):
+        """A list that grows by one each time ``proxy``'s connection asks whether its peer hung up."""
+        asked = []
+        stream = proxy._dopy_link.connection._stream
+        check = stream.peer_closed
+        stream.peer_closed = lambda: asked.append(True) or check()
+        return asked
+
+    def test_a_connection_in_steady_use_is_not_asked_about_a_hang_up_before_every_call(self):
+        p = self.serve(Service())
+        p.echo(0)
+        asked = self.count_hang_up_checks(p)
+        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 3600):
+            for i in range(50):
+                self.assertEqual(p.echo(i), i)
+        self.assertEqual(asked, [])
+
+    def test_a_connection_whose_check_interval_has_passed_is_asked_before_the_next_call(self):
+        p = self.serve(Service())
+        p.echo(0)
+        asked = self.count_hang_up_checks(p)
+        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+            for i in range(5):
+                self.assertEqual(p.echo(i), i)
+        self.assertEqual(len(asked), 5)
+
+    def test_server_closed_then_back_after_the_check_interval_reconnects_with_no_call_failing(self):
+        self.hub.addObject('obj', Service())
+        server = dopy.tcp.makeServer(0, hub=self.hub)
+        port = server.port
+        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        self.addCleanup(dopy.close, p)
+        self.assertEqual(p.echo(1), 1)
+        server.close()
+        self.server = dopy.tcp.makeServer(port, hub=self.hub)
+        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+            self.assertEqual(p.echo(2), 2)
+
     def test_server_closed_mid_call_fails_the_call_quickly(self):
         service = Service()
         p = self.serve(service, timeout=None)

@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 import unittest
+from unittest import mock
 
 import dopy
 import dopy.tcp
@@ -343,8 +344,10 @@ class Tls(HubCase):
         port = self.server.port
         self.server.close()
         self.server = dopy.tcp.makeServer(port, hub=self.hub, ssl_context=server_context())
-        # The hang-up is seen before anything is sent: no call fails.
-        self.assertEqual(p.echo(2), 2)
+        # As if the check interval had passed since the last call: the
+        # hang-up is seen before anything is sent, and no call fails.
+        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+            self.assertEqual(p.echo(2), 2)
 
     def test_client_certificates_and_an_authkey_combine(self):
         p = self.connect(server_context(require_client_cert=True), client_context(with_cert=True),
