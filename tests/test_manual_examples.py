@@ -360,7 +360,10 @@ class ExamplesPrintWhatThePagesShow(Case):
         self.assertEqual(compared + len(skipped), shown)
         for example in skipped:
             self.assertTrue(example.skip, f'{example.script} is skipped without a reason')
-        self.assertLessEqual(len(skipped), 3, f'skipped: {[str(e.script) for e in skipped]}')
+        # Each one a case that cannot run unattended: a peer on another
+        # machine, a benchmark's minutes, a shell's job control, and a
+        # transcript shown again where it runs.
+        self.assertLessEqual(len(skipped), 4, f'skipped: {[str(e.script) for e in skipped]}')
 
 
 def _test(index):
