@@ -67,6 +67,8 @@ _MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
+# Method names a connection remembers as checked (see _serve_owned).
+_MAX_CHECKED = 1024
 # A connection in use is asked whether its peer hung up at most this often
 # (seconds): a call sooner than that after the peer closed may fail, unsent again.
 HANG_UP_CHECK_INTERVAL = 0.5
@@ -395,33 +397,131 @@ class Connection:
                     self._handle(self._read_frame(None))
             saved, _owned.connection = _owned.connection, self
             try:
-                read_frame, handle, lock = self._read_frame, self._handle, self._lock
-                while True:
-                    frame = read_frame(None)
-                    kind = frame.kind
-                    if kind != wire.CALL and kind != wire.ONEWAY:
-                        handle(frame)
-                        continue
-                    # Unpickled while this thread still reads: the frame may
-                    # be a view of the decoder's buffer.
-                    call = dispatch.prepare(self.lookup, frame, self._loads)
-                    self._owner_running = True
-                    self._run(frame, call)
-                    lock.acquire()
-                    self._owner_running = False
-                    if self._reader == me and not self._mailbox:
-                        lock.release()
-                        continue
-                    lock.release()
-                    reading = False
-                    reading = self._take_back_reading()
+                self._serve_owned(me)
             finally:
                 _owned.connection = saved
+                # Whether this thread still reads, once the loop has ended.
+                reading = self._reader == me
         except Exception as exc:
             self._ended(exc)
         finally:
             if reading:
                 self._give_up_reading()
+
+    def _serve_owned(self, me):
+        """The owner's loop: read a call, run it, reply, and again; raises once the connection ends.
+
+        The common call, a published object's public method, with arguments
+        that unpickle and a result of a plain type, takes the fewest steps
+        that can be: its object and method name found checked before (and
+        the object still published under that name) skip dispatch's checks.
+        Anything else takes dispatch's path, which says why it fails.
+        """
+        lock = self._lock
+        next_frame = self._decoder.next_frame
+        receive = self._receive
+        recv = self._recv_wait
+        read_frame = self._read_frame
+        handle = self._handle
+        lookup = self.lookup
+        registry = self.hub.registry
+        # (object name, method name) -> the registry entry they were found
+        # public in: good for as long as the name still maps to that entry.
+        checked = {}
+        state = proxy.wire_state
+        loads = wire.loads
+        message_segments = wire.message_segments
+        plain = _PLAIN_TYPES
+        call_kind, reply_kind = wire.CALL, wire.REPLY
+        send_lock = self._send_lock
+        while True:
+            frame = next_frame()
+            if frame is None:
+                if recv is None or self._closed:
+                    frame = read_frame(None)
+                else:
+                    frame = receive(recv)
+                    if frame is None:
+                        continue
+            kind = frame.kind
+            if kind != call_kind:
+                if kind != wire.ONEWAY:
+                    handle(frame)
+                    continue
+                call = dispatch.prepare(lookup, frame, self._loads)
+                self._owner_running = True
+                self._run(frame, call)
+            else:
+                # Unpickled while this thread still reads: the frame may be
+                # a view of the decoder's buffer.
+                saved, state.connection = state.connection, self
+                try:
+                    message = loads(frame.data, frame.buffers)
+                except Exception as exc:
+                    message = dispatch.unpicklable(exc)
+                finally:
+                    state.connection = saved
+                method = None
+                if type(message) is tuple and len(message) == 4:
+                    name, method_name, args, kwargs = message
+                    try:
+                        entry = checked.get((name, method_name))
+                    except TypeError:
+                        entry = None  # unhashable: dispatch says why
+                    if (entry is not None and registry.get(name) is entry
+                            and type(args) is tuple and type(kwargs) is dict):
+                        method = getattr(entry[0], method_name, None)
+                        if not callable(method):
+                            method = None
+                if method is None:
+                    call = (message if type(message) is dispatch.Call
+                            else self._prepare_checked(message, checked))
+                    message = None
+                    self._owner_running = True
+                    self._run(frame, call)
+                else:
+                    message = None
+                    self._owner_running = True
+                    try:
+                        value = method(*args, **kwargs)
+                    except BaseException as exc:
+                        args = kwargs = None
+                        self._reply(frame, dispatch.failed((name, method_name), exc))
+                    else:
+                        # Let go of the arguments before the reply: the
+                        # references among them are released ahead of it.
+                        args = kwargs = None
+                        if type(value) in plain:
+                            segments = message_segments(reply_kind, frame.request_id, value, True)
+                            value = None
+                            send_lock.acquire()
+                            try:
+                                self._send(segments, None,
+                                           self._release_frame() if self._released else None)
+                            finally:
+                                send_lock.release()
+                        else:
+                            self._reply(frame, dispatch.Outcome((name, method_name), True, value))
+                            value = None
+            lock.acquire()
+            self._owner_running = False
+            if self._reader == me and not self._mailbox:
+                lock.release()
+                continue
+            lock.release()
+            self._take_back_reading()
+
+    def _prepare_checked(self, message, checked):
+        """Dispatch's ``Call`` for a CALL's unpickled ``message``, remembering its object and method name in ``checked`` once found public."""
+        call = dispatch.prepare_message(self.lookup, message)
+        if call.error is None:
+            name, method_name = call.label
+            entry = self.hub.registry.get(name)
+            if entry is not None and method_name not in dispatch.CONTAINER_METHODS:
+                if len(checked) >= _MAX_CHECKED:
+                    checked.clear()
+                checked[call.label] = entry
+        return call
 
     def _take_back_reading(self):
         """The owner, its call done: run the calls read meanwhile, then read again once the role is free.

@@ -20,7 +20,7 @@ from . import remote_exc, wire
 from .errors import NoSuchMethodError, ProtocolError, SerializationError
 
 __all__ = ['CONTAINER_METHODS', 'Call', 'Outcome', 'check_method_name', 'resolve', 'prepare',
-           'run', 'reply_segments', 'log_oneway', 'error_reply']
+           'prepare_message', 'unpicklable', 'failed', 'run', 'reply_segments', 'log_oneway', 'error_reply']
 
 log = logging.getLogger('dopy.dispatch')
 _MISSING = object()
@@ -118,10 +118,27 @@ def prepare(lookup, frame, loads=wire.loads):
     order it came, and run the call on another thread.
     """
     try:
-        return Call(*_find(lookup, frame, loads))
+        message = loads(frame.data, frame.buffers)
     except Exception as exc:
-        log.debug('refused call %d: %s', frame.request_id, exc)
-        return Call(None, None, None, None, exc)
+        return unpicklable(exc)
+    return prepare_message(lookup, message)
+
+
+def unpicklable(exc):
+    """The ``Call`` refused for a CALL frame that did not unpickle, raising ``exc``."""
+    return _refused(_unpickling_error(exc))
+
+
+def _unpickling_error(exc):
+    error = SerializationError(f'the call could not be unpickled on the server: '
+                               f'{type(exc).__name__}: {exc}')
+    error.__cause__ = exc
+    return error
+
+
+def _refused(exc):
+    log.debug('refused call: %s', exc)
+    return Call(None, None, None, None, exc)
 
 
 def run(lookup, frame, loads=wire.loads):
@@ -142,8 +159,13 @@ def _invoke(label, method, args, kwargs):
     try:
         return _new(Outcome, (label, True, method(*args, **kwargs), None))
     except BaseException as exc:  # a remote SystemExit is the caller's to see, not the server's to obey
-        log.debug('%s.%s raised %r', *label, exc)
-        return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
+        return failed(label, exc)
+
+
+def failed(label, exc):
+    """The ``Outcome`` of a call to ``label`` whose method raised ``exc``, caught in the frame that called it."""
+    log.debug('%s.%s raised %r', *label, exc)
+    return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
 
 
 def reply_segments(request_id, outcome):
@@ -182,8 +204,11 @@ def _find(lookup, frame, loads):
     try:
         message = loads(frame.data, frame.buffers)
     except Exception as exc:
-        raise SerializationError(f'the call could not be unpickled on the server: '
-                                 f'{type(exc).__name__}: {exc}') from exc
+        raise _unpickling_error(exc) from exc
+    return _find_in(lookup, message)
+
+
+def _find_in(lookup, message):
     if not (isinstance(message, tuple) and len(message) == 4):
         raise ProtocolError('a CALL frame must hold (object, method, args, kwargs)')
     name, method_name, args, kwargs = message
@@ -191,3 +216,11 @@ def _find(lookup, frame, loads):
         raise ProtocolError('a CALL frame must hold (str, str, tuple, dict)')
     obj, exposed = lookup(name)
     return (name, method_name), resolve(obj, method_name, exposed), args, kwargs
+
+
+def prepare_message(lookup, message):
+    """The ``Call`` for a CALL frame's unpickled ``message``; never raises for the caller's mistakes."""
+    try:
+        return Call(*_find_in(lookup, message))
+    except Exception as exc:
+        return _refused(exc)

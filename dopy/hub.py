@@ -110,6 +110,10 @@ class Hub:
         self._open_servers = {}
         self._loop_thread = None
         self._objects = {}
+        # The live registry, name -> (object, exposed), for a connection to
+        # tell at a glance whether what a call names is still what it was.
+        # Only this class changes it.
+        self.registry = self._objects
         self._names = {}
         self._lock = threading.Lock()
         self._servers = set()

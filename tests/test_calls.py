@@ -183,6 +183,59 @@ class BasicCalls(HubCase):
             p.echo(1)
 
 
+class Named:
+    def __init__(self, name):
+        self.name = name
+
+    def who(self):
+        return self.name
+
+    def other(self):
+        return 'other'
+
+
+@each_mode(transports=('tcp', 'pipe'))
+class TheRegistryChangesBetweenCalls(HubCase):
+    """A connection's later calls see the registry as it is then, whatever an earlier call found."""
+
+    def test_an_object_replaced_under_its_name_answers_the_next_call(self):
+        p = self.serve(Named('first'))
+        self.assertEqual(p.who(), 'first')
+        self.hub.addObject('obj', Named('second'))
+        self.assertEqual(p.who(), 'second')
+
+    def test_an_object_removed_is_no_longer_called(self):
+        p = self.serve(Named('first'))
+        self.assertEqual(p.who(), 'first')
+        self.hub.removeObject('obj')
+        with self.assertRaises(dopy.NoSuchObjectError):
+            p.who()
+
+    def test_an_object_published_again_with_fewer_methods_refuses_the_others(self):
+        named = Named('first')
+        p = self.serve(named)
+        self.assertEqual(p.other(), 'other')
+        self.hub.addObject('obj', named, expose=['who'])
+        with self.assertRaises(dopy.NoSuchMethodError):
+            p.other()
+        self.assertEqual(p.who(), 'first')
+
+    def test_a_method_replaced_by_a_data_attribute_is_refused(self):
+        named = Named('first')
+        p = self.serve(named)
+        self.assertEqual(p.who(), 'first')
+        named.who = 'no longer a method'
+        with self.assertRaises(dopy.NoSuchMethodError):
+            p.who()
+
+    def test_a_method_replaced_on_the_instance_is_the_one_called(self):
+        named = Named('first')
+        p = self.serve(named)
+        self.assertEqual(p.who(), 'first')
+        named.who = lambda: 'replaced'
+        self.assertEqual(p.who(), 'replaced')
+
+
 @each_mode()
 class TcpReferences(HubCase):
     def setUp(self):
