@@ -27,13 +27,9 @@ never block.  Several threads may
 call at once: sends are serialised by a lock, and each call's reply is
 found by its request id, so a late reply never answers a later call.
 
-The connection also keeps the references that travel over it (see
-``dopy.proxy``): the local objects it exported for the peer, each counted
-by how many times it was sent, and the proxies it made for the peer's
-exports.  When such a proxy is garbage, the count it received goes back to
-the peer in a RELEASE frame, sent before the next frame, and the peer drops
-the object once every reference it sent is released.  Nothing outlives the
-connection.
+The connection also keeps the references that travel over it, in a
+``dopy.references.ReferenceTable``: a RELEASE frame it has due goes out
+ahead of the next frame it sends.  Nothing outlives the connection.
 
 This is the only module that translates ``OSError`` into DOPY's errors.
 """
@@ -46,7 +42,6 @@ import select
 import socket
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import Future
 from threading import get_ident
@@ -54,9 +49,10 @@ from threading import get_ident
 from . import dispatch, proxy, remote_exc, wire
 from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
-                     ConnectionLostError, NoSuchObjectError, ProtocolError,
+                     ConnectionLostError, ProtocolError,
                      SerializationError)
 from .hub import THRD_FUNC
+from .references import ReferenceTable
 
 __all__ = ['Connection', 'translate_os_error', 'wait_ready', 'HANG_UP_CHECK_INTERVAL']
 
@@ -167,12 +163,9 @@ class Connection:
         self._mailbox = deque()
         # The connection the owner sleeps on, waiting for a reply, if any.
         self._owner_waits_on = None
-        self._refs_lock = threading.Lock()
-        self._exports = {}
-        self._export_names = {}
-        self._export_ids = itertools.count(1)
-        self._imports = {}
-        self._released = deque()
+        self._refs = ReferenceTable()
+        # Imported proxies gone, for the next RELEASE: every send looks.
+        self._released = self._refs.released
         self._closed = False
         self._users = 0
         self._close_when_unused = close_when_unused
@@ -680,11 +673,7 @@ class Connection:
     def lookup(self, name):
         """``(object, exposed)`` for the local object a call names: exported on this connection, or published."""
         if name.startswith('#'):
-            try:
-                return self._exports[name][0], None
-            except KeyError:
-                raise NoSuchObjectError(
-                    f'reference {name} was never exported on this connection, or was released') from None
+            return self._refs.exported(name), None
         return self.hub.lookup(name)
 
     def exported_object(self, name):
@@ -693,11 +682,11 @@ class Connection:
 
     def export_count(self):
         """How many local objects this connection holds for the peer."""
-        return len(self._exports)
+        return self._refs.export_count()
 
     def import_count(self):
         """How many of the peer's exported objects this side still has proxies for."""
-        return len(self._imports)
+        return self._refs.import_count()
 
     def reduce_local(self, obj):
         """Pickling a ``dopy.ref(obj)`` over this connection: *here*, by name or exported id."""
@@ -708,14 +697,7 @@ class Connection:
             local_ip = self._stream.local_ip()
             address = self.hub.advertised_address(local_ip) if local_ip else None
             return proxy.rebuild_here, (name, address)
-        with self._refs_lock:
-            name = self._export_names.get(id(obj))
-            if name is None:
-                name = f'#{next(self._export_ids)}'
-                self._export_names[id(obj)] = name
-                self._exports[name] = [obj, 0]
-            self._exports[name][1] += 1
-        return proxy.rebuild_here, (name, None)
+        return proxy.rebuild_here, (self._refs.export(obj), None)
 
     def reduce_proxy(self, remote):
         """Pickling a proxy over this connection: *yours*, an address, or forwarded *here*."""
@@ -735,50 +717,21 @@ class Connection:
         ref = f'via:{self.peer}/{self._serial}:{name}'
         if not name.startswith('#'):
             return proxy.RemoteObject(ref, name, None, timeout, connection=self)
-        with self._refs_lock:
-            entry = self._imports.get(name)
-            remote = entry[0]() if entry is not None else None
-            if remote is None:
-                remote = proxy.RemoteObject(ref, name, None, timeout, connection=self)
-                received = [0]
-                self._imports[name] = (weakref.ref(remote), received)
-                # A finalizer may run inside any code, this lock's holder
-                # included: it only appends, and the counting is done later.
-                weakref.finalize(remote, self._released.append, (name, received))
-            else:
-                received = entry[1]
-            received[0] += 1
-        return remote
+        return self._refs.imported(
+            name, lambda: proxy.RemoteObject(ref, name, None, timeout, connection=self))
 
     def _release_frame(self):
-        releases = []
-        with self._refs_lock:
-            while self._released:
-                name, received = self._released.popleft()
-                entry = self._imports.get(name)
-                if entry is not None and entry[1] is received:
-                    del self._imports[name]
-                releases.append((name, received[0]))
-        return wire.encode(wire.RELEASE, 0, releases)
+        return self._refs.release_frame()
 
     def _release_exports(self, frame):
-        """A RELEASE frame: the peer lets go of references; one of any other shape than ``_release_frame``'s breaks the protocol."""
+        """A RELEASE frame: the peer lets go of references; one of any other shape than ours breaks the protocol."""
         try:
-            releases = _checked_releases(wire.loads(frame.data, frame.buffers))
+            self._refs.apply_release(frame)
         except Exception as exc:
             error = ProtocolError(f'malformed RELEASE frame: {type(exc).__name__}: {exc}')
             error.__cause__ = exc
             self._refuse(error)
-            raise error
-        with self._refs_lock:
-            for name, count in releases:
-                entry = self._exports.get(name)
-                if entry is None:
-                    continue
-                entry[1] -= count
-                if entry[1] <= 0:
-                    del self._exports[name]
-                    self._export_names.pop(id(entry[0]), None)
+            raise error from exc
 
     def _loads(self, data, buffers):
         # _in_wire_state(wire.loads, data, buffers) spelt out: every call's
@@ -1108,10 +1061,7 @@ class Connection:
         for waiter in waiters.values():
             if isinstance(waiter, Future):
                 waiter.resolve(None, _fresh(error))
-        with self._refs_lock:
-            self._exports.clear()
-            self._export_names.clear()
-            self._imports.clear()
+        self._refs.clear()
         if not self._threaded:
             self.hub.loop.remove_reader(self._stream.read_fd)
         if reading:
@@ -1137,15 +1087,6 @@ class Connection:
     def _close_socket(self):
         with self._send_lock:
             self._stream.close()
-
-
-def _checked_releases(releases):
-    """``releases`` if it is what ``_release_frame`` sends, a list of ``(name, count)`` with a str and an int over zero; else ValueError."""
-    if type(releases) is not list or not all(
-            type(item) is tuple and len(item) == 2 and type(item[0]) is str
-            and type(item[1]) is int and item[1] > 0 for item in releases):
-        raise ValueError(f'not a list of (name, count) pairs: {releases!r:.100}')
-    return releases
 
 
 def _remaining(deadline):

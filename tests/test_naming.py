@@ -1,7 +1,6 @@
 """Naming contexts: hierarchical names, copies, mounts, persistence, and a naming service in use."""
 
 import os
-import pickle
 import shutil
 import signal
 import sqlite3

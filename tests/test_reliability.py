@@ -16,7 +16,7 @@ import unittest
 
 import dopy
 import dopy.tcp
-from tests.support import ROOT, TEST_WATCHDOG, TIMEOUT, Case, ServerProcess, child_env, read_line
+from tests.support import TEST_WATCHDOG, TIMEOUT, Case, ServerProcess, child_env, read_line
 
 LONG = os.environ.get('DOPY_LONG_TESTS') == '1'
 
