@@ -46,7 +46,8 @@ from collections import deque
 from concurrent.futures import Future
 from threading import get_ident
 
-from . import dispatch, proxy, remote_exc, wire
+from . import dispatch, proxy, wire
+from .calls import CallTable, Waiter, reply_outcome, unpickling_failed
 from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, ProtocolError,
@@ -104,24 +105,6 @@ def wait_ready(poller, deadline, what):
         raise CallTimeoutError(f'{what}: timed out')
 
 
-class _Waiter:
-    """Where a call's outcome lands: its result, or the exception to raise for it.
-
-    The thread that reads the reply unpickles it before it reads on, so
-    that a reference in a reply is resolved before any RELEASE behind it.
-    A future's call waits with the future itself (see ``dopy.futures``).
-    """
-
-    __slots__ = ('done', 'value', 'error', 'name', 'method')
-
-    def __init__(self, name, method):
-        self.done = False
-        self.value = None
-        self.error = None
-        self.name = name
-        self.method = method
-
-
 class Connection:
     """One end of a link to a peer, over a stream (see ``dopy.streams``).
 
@@ -148,8 +131,7 @@ class Connection:
         self._lock = threading.Lock()
         self._cond = None
         self._sleepers = 0
-        self._waiters = {}
-        self._ids = itertools.count(1)
+        self._calls = CallTable()
         self._reader = None
         self._reader_thread = None
         self._serving = False
@@ -193,7 +175,7 @@ class Connection:
         return poller
 
     def __repr__(self):
-        state = 'closed' if self._closed else f'{len(self._waiters)} calls in flight'
+        state = 'closed' if self._closed else f'{len(self._calls)} calls in flight'
         return f'<dopy Connection with {self.peer}, {state}>'
 
     @property
@@ -213,7 +195,7 @@ class Connection:
         if (self._reader is not None or self._reader_thread is not None or self._closed
                 or not self._threaded):
             lock.release()
-            waiter = _Waiter(name, method)
+            waiter = Waiter(name, method)
             request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
             return self._await(waiter, request_id, deadline, timeout)
         # No thread reads: this one takes the role, and reads its own reply.
@@ -228,7 +210,7 @@ class Connection:
                 # A reference among the arguments has just started the
                 # connection's reader thread: from now on it reads, this
                 # reply included, and serves the callbacks.
-                waiter = _Waiter(name, method)
+                waiter = Waiter(name, method)
                 self._register(request_id, waiter)
             else:
                 read_frame = self._read_frame
@@ -261,7 +243,7 @@ class Connection:
         except BaseException as exc:
             # Given up on, timed out or interrupted (Ctrl-C, say): a late reply is discarded.
             with self._lock:
-                self._waiters.pop(request_id, None)
+                self._calls.discard(request_id)
             if not isinstance(exc, CallTimeoutError):
                 raise
             if not waiter.done:
@@ -297,7 +279,7 @@ class Connection:
         self._send_call(wire.ONEWAY, None, args, kwargs, deadline, name, method)
 
     def _send_call(self, kind, waiter, args, kwargs, deadline, name, method):
-        request_id = next(self._ids)
+        request_id = self._calls.next_id()
         plain = not kwargs
         for arg in args:
             arg_type = type(arg)
@@ -352,7 +334,7 @@ class Connection:
         with self._lock:
             if self._closed:
                 raise _fresh(self._error)
-            self._waiters[request_id] = waiter
+            self._calls.add(request_id, waiter)
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
@@ -656,7 +638,7 @@ class Connection:
     def _close_if_unused(self):
         # Calls still in flight keep it open: a proxy that gave up on a
         # timed-out call must not end the calls of other threads.
-        if self._close_when_unused and self._users <= 0 and not self._waiters:
+        if self._close_when_unused and self._users <= 0 and not self._calls:
             self.close(timeout=0)
 
     def close(self, timeout=None):
@@ -750,22 +732,12 @@ class Connection:
         try:
             value = wire.loads(frame.data, frame.buffers)
         except Exception as exc:
-            what = 'result' if frame.kind == wire.REPLY else 'exception'
-            error = SerializationError(
-                f'the {what} of {name}.{method}() could not be unpickled on the client: '
-                f'{type(exc).__name__}: {exc}')
-            error.__cause__ = exc
-            return None, error
+            return unpickling_failed(frame.kind, exc, name, method)
         finally:
             state.connection = saved
         if frame.kind == wire.REPLY:
             return value, None
-        try:
-            return None, remote_exc.unpack(value)
-        except (TypeError, ValueError) as exc:
-            error = ProtocolError(f'malformed exception in the reply to {name}.{method}()')
-            error.__cause__ = exc
-            return None, error
+        return reply_outcome(frame.kind, value, name, method)
 
     def _wait_for(self, waiter, deadline):
         if not self._threaded:
@@ -873,7 +845,7 @@ class Connection:
     def _answer(self, frame):
         """A REPLY or ERROR frame: the outcome of the call it answers, handed to whoever waits for it."""
         with self._lock:
-            waiter = self._waiters.pop(frame.request_id, None)
+            waiter = self._calls.take(frame)
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
                       '(it came after a timeout or an interrupt)', frame.request_id, self.peer)
@@ -1051,14 +1023,14 @@ class Connection:
                 return
             self._closed = True
             self._error = error
-            waiters, self._waiters = self._waiters, {}
-            for waiter in waiters.values():
+            waiters = self._calls.take_all()
+            for waiter in waiters:
                 if not isinstance(waiter, Future):
                     waiter.error, waiter.done = _fresh(error), True
             if self._sleepers:
                 self._cond.notify_all()
             reading = self._reader is not None
-        for waiter in waiters.values():
+        for waiter in waiters:
             if isinstance(waiter, Future):
                 waiter.resolve(None, _fresh(error))
         self._refs.clear()
