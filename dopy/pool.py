@@ -1,4 +1,4 @@
-"""A thread pool that starts threads as needed and keeps idle ones for the next work: THRD_FUNC's calls, a server's handshakes, a hub's host name lookups.
+"""A thread pool that starts threads as needed and keeps idle ones for the next work: THRD_FUNC's calls, a server's connections, a hub's host name lookups.
 
 ``size`` bounds the threads (None: no bound); when all of them are busy,
 ``submit`` refuses and the caller runs the work itself.  ``max_idle``
