@@ -47,6 +47,7 @@ class Case:
         # The CPUs the server and the client processes are kept on (None: not pinned).
         self.server_cpus = server_cpus
         self.client_cpus = client_cpus
+        # False for a count made once per run, which repetitions would not change.
         self.repeated = repeated
         # Generous, so that only a hang trips it, however slow a system is.
         self.timeout = 60.0 + 30.0 * work
