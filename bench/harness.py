@@ -8,6 +8,7 @@ asked to stop, then terminated, then killed, each step with a time limit.
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
 import time
 import traceback
@@ -47,7 +48,14 @@ def memory(pid):
     return {'rss_kib': fields['VmRSS'], 'hwm_kib': fields['VmHWM']}
 
 
-def _server_main(system_name, conn):
+def _pin(cpus):
+    """Keep this process on ``cpus`` (None: wherever the scheduler likes); first thing, so that its threads inherit it."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def _server_main(system_name, cpus, conn):
+    _pin(cpus)
     raise_fd_limit()
     try:
         port, stop = SYSTEMS[system_name]().serve(EchoService())
@@ -66,7 +74,8 @@ class _Aborted(Exception):
     """The parent said stop instead of go."""
 
 
-def _client_main(system_name, client, params, conn):
+def _client_main(system_name, client, params, cpus, conn):
+    _pin(cpus)
     raise_fd_limit()
     try:
         port = conn.recv()
@@ -133,10 +142,11 @@ def run_case(system_name, case):
     """Run ``case`` against ``system_name``: ``{'metrics': ..., 'notes': ...}``, or ``CaseError``."""
     deadline = time.monotonic() + case.timeout
     # The clients start while the server does: both spend most of that time importing.
-    server = _Child('server', _server_main, (system_name,))
+    server = _Child('server', _server_main, (system_name, case.server_cpus))
     clients = []
     try:
-        clients = [_Child(f'client {i + 1}', _client_main, (system_name, case.client, case.params))
+        clients = [_Child(f'client {i + 1}', _client_main, (system_name, case.client, case.params,
+                                                            case.client_cpus))
                    for i in range(case.processes)]
         kind, value = server.recv(deadline)
         if kind == 'error':

@@ -8,8 +8,13 @@ clean.  A case's ``client`` function runs in each client process as
 case has reached ``label`` and the harness has read the server's memory
 figures there.  The case's ``combine`` turns the results of its client
 processes and those memory readings into the case's metrics.
+
+The instructions scenario is not timed, and has no client function: its
+one case counts with valgrind (see ``instructions.py``), once per run,
+since the count does not vary as timings do.
 """
 
+import os
 import random
 import threading
 import time
@@ -17,7 +22,7 @@ import time
 from harness import memory
 from systems import RESULT_TIMEOUT, NotApplicable, expect
 
-SCENARIOS = ('latency', 'throughput', 'payload', 'connect', 'idle', 'pipelining')
+SCENARIOS = ('instructions', 'latency', 'throughput', 'payload', 'connect', 'idle', 'pipelining')
 MIB = 1 << 20
 # Calls kept in flight at a time in the pipelining scenario, and oneway
 # calls sent before waiting for the server to have run them.
@@ -31,13 +36,19 @@ _HOLDING_THREADS = 8
 class Case:
     """One measurement: a fresh server, ``processes`` client processes running ``client``."""
 
-    def __init__(self, name, scenario, client, params, combine, processes=1, work=1.0):
+    def __init__(self, name, scenario, client, params, combine, processes=1, work=1.0,
+                 server_cpus=None, client_cpus=None, repeated=True):
         self.name = name
         self.scenario = scenario
         self.client = client
         self.params = params
         self.combine = combine
         self.processes = processes
+        # The CPUs the server and the client processes are kept on (None: not pinned).
+        self.server_cpus = server_cpus
+        self.client_cpus = client_cpus
+        # False for a count made once per run, which repetitions would not change.
+        self.repeated = repeated
         # Generous, so that only a hang trips it, however slow a system is.
         self.timeout = 60.0 + 30.0 * work
 
@@ -47,8 +58,13 @@ def cases(quick):
     seconds = 0.1 if quick else 1.0
     short = 0.05 if quick else 0.3
     warmup = 0.02 if quick else 0.1
-    result = [Case('latency', 'latency', latency,
-                   {'seconds': seconds, 'warmup': warmup}, only_client)]
+    result = [Case('instructions', 'instructions', None,
+                   {'calls': 200, 'warm': 50} if quick else {'calls': 2000, 'warm': 300}, None,
+                   repeated=False),
+              Case('latency', 'latency', latency, {'seconds': seconds, 'warmup': warmup}, only_client)]
+    for name, server_cpus, client_cpus in pinnings()[0]:
+        result.append(Case(name, 'latency', latency, {'seconds': seconds, 'warmup': warmup},
+                           only_client, server_cpus=server_cpus, client_cpus=client_cpus))
     for connections in (8, 64):
         for processes in (1, 2):
             result.append(Case(
@@ -71,6 +87,22 @@ def cases(quick):
     result.append(Case('pipelining', 'pipelining', pipelining,
                        {'seconds': short, 'warmup': warmup, 'window': WINDOW}, only_client))
     return result
+
+
+def pinnings():
+    """The pinned latency cases this machine allows, as (name, server CPUs, client CPUs), and why any is missing.
+
+    Where the two processes run moves a round trip's time more than most
+    code does: on one core each call switches from one process to the
+    other; on two, each side wakes up on its own core.
+    """
+    if not hasattr(os, 'sched_setaffinity'):
+        return [], ['latency pinned: not measured, this system cannot pin a process to a CPU']
+    cpus = sorted(os.sched_getaffinity(0))
+    found = [('latency-1core', {cpus[0]}, {cpus[0]})]
+    if len(cpus) < 2:
+        return found, ['latency-2cores: not measured, this process may use only one CPU']
+    return [*found, ('latency-2cores', {cpus[0]}, {cpus[1]})], []
 
 
 # --- what a client process does ----------------------------------------------------
@@ -454,9 +486,15 @@ class Row:
 
 
 ROWS = [
+    Row('instructions', 'server_instructions', 'instructions/call: server', '{:,.0f}'),
+    Row('instructions', 'client_instructions', 'instructions/call: client', '{:,.0f}'),
+    Row('instructions', 'total_instructions', 'instructions/call: total', '{:,.0f}'),
     Row('latency', 'calls_per_s', 'latency: calls/s', '{:,.0f}'),
     Row('latency', 'p50_us', 'latency: p50 us', '{:,.1f}'),
     Row('latency', 'p99_us', 'latency: p99 us', '{:,.1f}'),
+    *(Row(f'latency-{where}', metric, f'latency, {label}: {unit}', fmt)
+      for where, label in (('1core', 'both on one core'), ('2cores', 'on two cores'))
+      for metric, unit, fmt in (('calls_per_s', 'calls/s', '{:,.0f}'), ('p50_us', 'p50 us', '{:,.1f}'))),
     *(Row(f'throughput-{c}x{p}', 'calls_per_s', f'throughput {c} conns, {p} proc: calls/s', '{:,.0f}',
           failures=('failed_connections', 'failed_calls', 'failed_closes'))
       for c in (8, 64) for p in (1, 2)),

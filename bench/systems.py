@@ -84,51 +84,94 @@ class System:
 # --- the floor: raw sockets and pickle, nothing else ------------------------
 
 _LENGTH = struct.Struct('!Q')
-_BUFFER_SIZE = 64 * 1024
+_HEADER = _LENGTH.size
+_pack_length = _LENGTH.pack
+_unpack_length = _LENGTH.unpack_from
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+# Room for many small messages, so that one recv_into takes all that have
+# arrived; a message larger than this gets a buffer of its own.
+_BUFFER_SIZE = 16 * 1024
 
 
-def _recv_exact(sock, view):
-    received = 0
-    while received < len(view):
-        n = sock.recv_into(view[received:])
-        if not n:
-            raise EOFError('the peer closed the connection mid-message')
-        received += n
+class _Reader:
+    """Length-prefixed messages from a socket, read ahead: one ``recv_into`` for all the small ones that have arrived."""
+
+    def __init__(self, sock):
+        self._recv_into = sock.recv_into
+        self._buffer = bytearray(_BUFFER_SIZE)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    def next(self):
+        """The next message's pickle, valid until the next call; None at a clean end of stream."""
+        start, end = self._start, self._end
+        if start == end:
+            # Nothing left over, the usual case: read straight into the whole buffer.
+            start, end = 0, self._recv_into(self._view)
+            if not end:
+                return None
+        if end - start >= _HEADER:
+            body = start + _HEADER
+            stop = body + _unpack_length(self._buffer, start)[0]
+            if stop <= end:
+                self._start, self._end = stop, end
+                return self._view[body:stop]
+        return self._more(start, end)
+
+    def _more(self, start, end):
+        """Read on until the message that begins at ``start`` is complete."""
+        view = self._view
+        if start:
+            view[:end - start] = view[start:end]
+            end -= start
+        while True:
+            if end >= _HEADER:
+                stop = _HEADER + _unpack_length(self._buffer)[0]
+                if stop > len(view):
+                    self._start = self._end = 0
+                    return self._large(stop - _HEADER, view[_HEADER:end])
+                if stop <= end:
+                    self._start, self._end = stop, end
+                    return view[_HEADER:stop]
+            received = self._recv_into(view[end:])
+            if not received:
+                raise EOFError('the peer closed the connection mid-message')
+            end += received
+
+    def _large(self, length, head):
+        body = memoryview(bytearray(length))
+        body[:len(head)] = head
+        received = len(head)
+        while received < length:
+            n = self._recv_into(body[received:])
+            if not n:
+                raise EOFError('the peer closed the connection mid-message')
+            received += n
+        return body
 
 
-def _recv_message(sock, view):
-    """The next message's pickle, in ``view`` when it fits there; None at a clean end of stream."""
-    first = sock.recv_into(view[:_LENGTH.size])
-    if not first:
-        return None
-    _recv_exact(sock, view[first:_LENGTH.size])
-    (length,) = _LENGTH.unpack_from(view)
-    body = view[:length] if length <= len(view) else memoryview(bytearray(length))
-    _recv_exact(sock, body)
-    return body
-
-
-def _send_message(sock, obj):
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LENGTH.pack(len(data)) + data)
+def _send(sendall, obj):
+    data = pickle.dumps(obj, _PROTOCOL)
+    if len(data) <= _BUFFER_SIZE:
+        sendall(_pack_length(len(data)) + data)
+    else:
+        # Joining would copy a large message once more.
+        sendall(_pack_length(len(data)))
+        sendall(data)
 
 
 def _floor_serve(sock, obj):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    view = memoryview(bytearray(_BUFFER_SIZE))
+    next_message = _Reader(sock).next
+    sendall = sock.sendall
+    loads = pickle.loads
     with sock:
-        while True:
-            try:
-                message = _recv_message(sock, view)
-            except (EOFError, OSError):
-                return
-            if message is None:
-                return
-            method, args = pickle.loads(message)
-            try:
-                _send_message(sock, getattr(obj, method)(*args))
-            except OSError:
-                return
+        try:
+            while (message := next_message()) is not None:
+                method, args = loads(message)
+                _send(sendall, getattr(obj, method)(*args))
+        except (EOFError, OSError):
+            return
 
 
 class FloorClient:
@@ -137,14 +180,15 @@ class FloorClient:
     def __init__(self, port):
         self._sock = socket.create_connection((HOST, port))
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._view = memoryview(bytearray(_BUFFER_SIZE))
+        self._sendall = self._sock.sendall
+        self._next = _Reader(self._sock).next
 
     def _call(self, method, *args):
-        _send_message(self._sock, (method, args))
+        _send(self._sendall, (method, args))
         return self._reply()
 
     def _reply(self):
-        message = _recv_message(self._sock, self._view)
+        message = self._next()
         if message is None:
             raise EOFError('the server closed the connection')
         return pickle.loads(message)
@@ -161,7 +205,7 @@ class FloorClient:
     def pipeline(self, n):
         """Send ``n`` echo(42) requests, then read the ``n`` replies."""
         for _ in range(n):
-            _send_message(self._sock, ('echo', (42,)))
+            _send(self._sendall, ('echo', (42,)))
         for _ in range(n):
             expect(self._reply(), 42)
 
@@ -170,7 +214,7 @@ class FloorClient:
 
 
 class Floor(System):
-    """What Python itself can do: a thread per connection, a length prefix, one sendall a message."""
+    """What Python itself can do: a thread per connection, a length prefix, one send a message, reads ahead."""
 
     name = 'floor'
     pipelining_how = 'N requests sent, then N replies read'
