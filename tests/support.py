@@ -15,6 +15,7 @@ import unittest
 
 import dopy
 import dopy.tcp
+from dopy import wire
 from dopy.auth import client_handshake
 from dopy.connection import Connection
 from dopy.proxy import RemoteObject
@@ -163,6 +164,16 @@ def eventually(condition, what, timeout=TIMEOUT):
         if time.monotonic() >= deadline:
             raise AssertionError(f'still not {what} after {timeout} s')
         time.sleep(0.01)
+
+
+def one_frame(data):
+    """The one whole frame that the bytes ``data`` hold."""
+    decoder = wire.Decoder()
+    decoder.feed(data)
+    frame = decoder.next_frame()
+    if frame is None or decoder.next_frame() is not None:
+        raise AssertionError(f'not one frame: {data!r:.60}')
+    return frame
 
 
 def raw_client(port, authkey=None):

@@ -5,15 +5,7 @@ import unittest
 import dopy
 from dopy import remote_exc, wire
 from dopy.calls import CallTable, Waiter, reply_outcome, unpickling_failed
-
-
-def decoded(data):
-    """The one frame in ``data``."""
-    decoder = wire.Decoder()
-    decoder.feed(data)
-    frame = decoder.next_frame()
-    assert decoder.next_frame() is None
-    return frame
+from tests.support import one_frame
 
 
 def raised(exc):
@@ -34,7 +26,7 @@ class Table(unittest.TestCase):
         first, second = Waiter('obj', 'a'), Waiter('obj', 'b')
         self.table.add(1, first)
         self.table.add(2, second)
-        reply = decoded(wire.encode(wire.REPLY, 2, 'two'))
+        reply = one_frame(wire.encode(wire.REPLY, 2, 'two'))
         self.assertIs(self.table.take(reply), second)
         self.assertIsNone(self.table.take(reply))
         self.assertEqual(len(self.table), 1)
@@ -42,7 +34,7 @@ class Table(unittest.TestCase):
     def test_a_reply_after_the_caller_gave_up_finds_no_waiter(self):
         self.table.add(1, Waiter('obj', 'a'))
         self.table.discard(1)
-        self.assertIsNone(self.table.take(decoded(wire.encode(wire.REPLY, 1, 'late'))))
+        self.assertIsNone(self.table.take(one_frame(wire.encode(wire.REPLY, 1, 'late'))))
         self.table.discard(1)
         self.assertEqual(len(self.table), 0)
 
@@ -56,19 +48,19 @@ class Table(unittest.TestCase):
 
 class Outcomes(unittest.TestCase):
     def test_a_reply_brings_its_value(self):
-        frame = decoded(wire.encode(wire.REPLY, 1, [1, 'two']))
+        frame = one_frame(wire.encode(wire.REPLY, 1, [1, 'two']))
         self.assertEqual(reply_outcome(frame.kind, wire.loads(frame.data), 'obj', 'm'), ([1, 'two'], None))
 
     def test_an_error_brings_the_exception_rebuilt_not_raised(self):
         packed = remote_exc.pack(raised(KeyError('k')), None)
-        frame = decoded(wire.encode(wire.ERROR, 1, packed))
+        frame = one_frame(wire.encode(wire.ERROR, 1, packed))
         value, error = reply_outcome(frame.kind, wire.loads(frame.data), 'obj', 'm')
         self.assertIsNone(value)
         self.assertIsInstance(error, KeyError)
         self.assertEqual(error.args, ('k',))
 
     def test_an_error_of_the_wrong_shape_is_a_protocol_error(self):
-        frame = decoded(wire.encode(wire.ERROR, 1, 'not a packed exception'))
+        frame = one_frame(wire.encode(wire.ERROR, 1, 'not a packed exception'))
         value, error = reply_outcome(frame.kind, wire.loads(frame.data), 'obj', 'm')
         self.assertIsInstance(error, dopy.ProtocolError)
         self.assertIn('obj.m()', str(error))

@@ -600,14 +600,18 @@ class ServerGoesAway(HubCase):
         self.assertTrue(all(thread == threading.get_ident() for _, thread in asked))
         self.assertNotIn('127.0.0.1', [host for host, _ in asked])
 
-    def test_server_closed_between_calls_then_back_reconnects(self):
+    def called_then_closed(self):
+        """A proxy that made a call to a server closed since: the proxy, and the port to serve on again."""
         self.hub.addObject('obj', Service())
         server = dopy.tcp.makeServer(0, hub=self.hub)
-        port = server.port
-        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
+        p = dopy.tcp.remote('127.0.0.1', server.port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
         self.addCleanup(dopy.close, p)
         self.assertEqual(p.echo(1), 1)
         server.close()
+        return p, server.port
+
+    def test_server_closed_between_calls_then_back_reconnects(self):
+        p, port = self.called_then_closed()
         with self.assertRaises(dopy.CommunicationError):
             p.echo(2)
         self.server = dopy.tcp.makeServer(port, hub=self.hub)
@@ -640,13 +644,7 @@ class ServerGoesAway(HubCase):
         self.assertEqual(len(asked), 5)
 
     def test_server_closed_then_back_after_the_check_interval_reconnects_with_no_call_failing(self):
-        self.hub.addObject('obj', Service())
-        server = dopy.tcp.makeServer(0, hub=self.hub)
-        port = server.port
-        p = dopy.tcp.remote('127.0.0.1', port, 'obj', timeout=TIMEOUT, hub=self.client_hub)
-        self.addCleanup(dopy.close, p)
-        self.assertEqual(p.echo(1), 1)
-        server.close()
+        p, port = self.called_then_closed()
         self.server = dopy.tcp.makeServer(port, hub=self.hub)
         with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
             self.assertEqual(p.echo(2), 2)

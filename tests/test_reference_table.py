@@ -7,6 +7,7 @@ import unittest
 import dopy
 from dopy import wire
 from dopy.references import ReferenceTable
+from tests.support import one_frame
 
 
 class Thing:
@@ -17,17 +18,8 @@ class Proxy:
     """Stands for a proxy: any object a weak reference can follow."""
 
 
-def decoded(data):
-    """The one frame in ``data``."""
-    decoder = wire.Decoder()
-    decoder.feed(data)
-    frame = decoder.next_frame()
-    assert decoder.next_frame() is None
-    return frame
-
-
 def release_of(pairs):
-    return decoded(wire.encode(wire.RELEASE, 0, pairs))
+    return one_frame(wire.encode(wire.RELEASE, 0, pairs))
 
 
 class Exports(unittest.TestCase):
@@ -84,7 +76,7 @@ class Imports(unittest.TestCase):
         del first
         gc.collect()
         self.assertTrue(self.table.released)
-        frame = decoded(self.table.release_frame())
+        frame = one_frame(self.table.release_frame())
         self.assertEqual((frame.kind, wire.loads(frame.data)), (wire.RELEASE, [('#1', 2)]))
         self.assertFalse(self.table.released)
         self.assertEqual(self.table.import_count(), 0)
@@ -94,7 +86,7 @@ class Imports(unittest.TestCase):
         del first
         gc.collect()
         second = self.table.imported('#1', Proxy)
-        frame = decoded(self.table.release_frame())
+        frame = one_frame(self.table.release_frame())
         # The first proxy's one receipt goes back; the new one is still held.
         self.assertEqual(wire.loads(frame.data), [('#1', 1)])
         self.assertEqual(self.table.import_count(), 1)
@@ -109,7 +101,7 @@ class Imports(unittest.TestCase):
         importer.imported(name, Proxy)
         del held
         gc.collect()
-        exporter.apply_release(decoded(importer.release_frame()))
+        exporter.apply_release(one_frame(importer.release_frame()))
         self.assertEqual(exporter.export_count(), 0)
 
     def test_clear_forgets_everything(self):

@@ -232,13 +232,18 @@ def call_in_thread(function, *args):
 class CallbacksBesideASlowMethod(HubCase):
     """A callback over a client's connection is answered at once, whatever that connection's thread is running."""
 
-    def test_a_callback_from_another_server_thread_is_answered_while_the_connections_method_runs(self):
+    def slow_method_running(self):
+        """A proxy whose object holds a callback to it, with a slow method running: ``(notifier, proxy, its connection's thread, the slow call's future)``."""
         notifier = Notifier()
         p = self.serve(notifier)
         p.save(dopy.ref(Recorder()))
         own_thread = p.thread()
         slow = p.slow.future()
         self.assertTrue(notifier.entered.wait(TIMEOUT))
+        return notifier, p, own_thread, slow
+
+    def test_a_callback_from_another_server_thread_is_answered_while_the_connections_method_runs(self):
+        notifier, p, own_thread, slow = self.slow_method_running()
         behind = p.thread.future()
         self.assertEqual(call_in_thread(notifier.callback.ping, 'note'), ('pong', 'note'))
         if self.thread_mode == dopy.THRD_CONN:
@@ -253,12 +258,7 @@ class CallbacksBesideASlowMethod(HubCase):
             behind.result(TIMEOUT)
 
     def test_calls_read_by_another_thread_run_in_order_on_the_connections_thread(self):
-        notifier = Notifier()
-        p = self.serve(notifier)
-        p.save(dopy.ref(Recorder()))
-        own_thread = p.thread()
-        slow = p.slow.future()
-        self.assertTrue(notifier.entered.wait(TIMEOUT))
+        notifier, p, own_thread, slow = self.slow_method_running()
         behind = [p.thread.future() for _ in range(20)]
         for i in range(5):
             self.assertEqual(call_in_thread(notifier.callback.ping, i), ('pong', i))
