@@ -55,7 +55,7 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
 from .hub import THRD_FUNC
 from .references import ReferenceTable
 
-__all__ = ['Connection', 'translate_os_error', 'wait_ready', 'HANG_UP_CHECK_INTERVAL']
+__all__ = ['Connection', 'translate_os_error', 'wait_ready']
 
 log = logging.getLogger('dopy.connection')
 
@@ -66,9 +66,6 @@ _PLAIN_TYPES = wire.PLAIN_TYPES
 _serials = itertools.count(1)
 # Method names a connection remembers as checked (see _serve_owned).
 _MAX_CHECKED = 1024
-# A connection in use is asked whether its peer hung up at most this often
-# (seconds): a call sooner than that after the peer closed may fail, unsent again.
-HANG_UP_CHECK_INTERVAL = 0.5
 
 
 class _Owned(threading.local):
@@ -135,8 +132,6 @@ class Connection:
         self._reader = None
         self._reader_thread = None
         self._serving = False
-        # Just connected: as good as checked.
-        self._checked_at = time.monotonic()
         # THRD_CONN: the thread that serves this connection (``serve``), and
         # whether it is running a call rather than reading; calls that
         # another thread reads meanwhile wait in the mailbox for it.
@@ -148,7 +143,8 @@ class Connection:
         self._refs = ReferenceTable()
         # Imported proxies gone, for the next RELEASE: every send looks.
         self._released = self._refs.released
-        self._closed = False
+        # True once the connection is closed, by either side; others only read it.
+        self.closed = False
         self._users = 0
         self._close_when_unused = close_when_unused
         self._error = None
@@ -175,13 +171,8 @@ class Connection:
         return poller
 
     def __repr__(self):
-        state = 'closed' if self._closed else f'{len(self._calls)} calls in flight'
+        state = 'closed' if self.closed else f'{len(self._calls)} calls in flight'
         return f'<dopy Connection with {self.peer}, {state}>'
-
-    @property
-    def closed(self):
-        """True once the connection is closed, by either side."""
-        return self._closed
 
     def call(self, name, method, args, kwargs, timeout=None):
         """Call ``method`` of the peer's object ``name`` and return its result.
@@ -192,7 +183,7 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         lock = self._lock
         lock.acquire()
-        if (self._reader is not None or self._reader_thread is not None or self._closed
+        if (self._reader is not None or self._reader_thread is not None or self.closed
                 or not self._threaded):
             lock.release()
             waiter = Waiter(name, method)
@@ -223,7 +214,7 @@ class Connection:
                         break
                     self._handle(frame)
         except CallTimeoutError:
-            if self._closed:
+            if self.closed:
                 raise  # connecting timed out: the greeting never came (streams.EarlyStream)
             raise self._timed_out(name, method, timeout) from None
         finally:
@@ -332,14 +323,14 @@ class Connection:
     def _register(self, request_id, waiter):
         """Have the reply to ``request_id`` answer ``waiter``."""
         with self._lock:
-            if self._closed:
+            if self.closed:
                 raise _fresh(self._error)
             self._calls.add(request_id, waiter)
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
         with self._lock:
-            if self._reader_thread is not None or self._serving or self._closed or not self._threaded:
+            if self._reader_thread is not None or self._serving or self.closed or not self._threaded:
                 return
             self._reader_thread = threading.Thread(
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
@@ -358,7 +349,7 @@ class Connection:
         """
         me = get_ident()
         with self._lock:
-            while self._reader is not None and not self._closed:
+            while self._reader is not None and not self.closed:
                 self._sleep(None)
             self._reader = me
             self._serving = True
@@ -412,7 +403,7 @@ class Connection:
         while True:
             frame = next_frame()
             if frame is None:
-                if recv is None or self._closed:
+                if recv is None or self.closed:
                     frame = read_frame(None)
                 else:
                     frame = receive(recv)
@@ -509,7 +500,7 @@ class Connection:
             lock.acquire()
             try:
                 if not self._mailbox:
-                    if self._closed:
+                    if self.closed:
                         raise _fresh(self._error)
                     if self._reader is None or self._reader == me:
                         self._reader = me
@@ -535,20 +526,10 @@ class Connection:
                 if waits_on._sleepers:
                     waits_on._cond.notify_all()
 
-    def check_alive(self, always=False):
-        """False if closed, or found hung up by the peer (without sending anything).
-
-        The peer is asked (a system call) only if it was not asked in the
-        last ``HANG_UP_CHECK_INTERVAL`` seconds, or ``always``: a connection
-        in steady use costs no more than a send and a receive per call.
-        """
-        if self._closed:
+    def check_alive(self):
+        """False if closed, or found hung up by the peer (without sending anything: a system call)."""
+        if self.closed:
             return False
-        if not always:
-            now = time.monotonic()
-            if now - self._checked_at < HANG_UP_CHECK_INTERVAL:
-                return True
-            self._checked_at = now
         try:
             # Asked without reading anything, so it is safe beside a reading
             # thread.  Asked even where a reader thread would find the hang-up
@@ -585,7 +566,7 @@ class Connection:
 
     def _on_readable(self, _fd):
         """THRD_NONE: the loop saw data; read what is there and handle every whole frame."""
-        if self._closed:
+        if self.closed:
             return
         try:
             frame = self._receive(self._stream.recv_into)
@@ -609,7 +590,7 @@ class Connection:
         made while handling this frame (which runs the loop) handles them
         first, in order, and no frame waits for more bytes to arrive.
         """
-        while not self._closed:
+        while not self.closed:
             if frame is None:
                 frame = self._decoder.next_frame()
                 if frame is None:
@@ -741,7 +722,7 @@ class Connection:
 
     def _wait_for(self, waiter, deadline):
         if not self._threaded:
-            self.hub.loop.pump_until(lambda: waiter.done or self._closed, deadline)
+            self.hub.loop.pump_until(lambda: waiter.done or self.closed, deadline)
             return
         me = get_ident()
         # The connection whose calls this thread runs, if any: its calls read
@@ -819,7 +800,7 @@ class Connection:
         if self._sleepers:
             self._cond.notify_all()
         lock.release()
-        if self._closed:
+        if self.closed:
             self._close_socket()
 
     def _handle(self, frame):
@@ -901,7 +882,7 @@ class Connection:
     def _read_frame(self, deadline):
         decoder = self._decoder
         while True:
-            if self._closed:
+            if self.closed:
                 raise _fresh(self._error)
             frame = decoder.next_frame()
             if frame is not None:
@@ -940,7 +921,7 @@ class Connection:
 
     def _send(self, segments, deadline, release=None):
         """Send a frame's segments, after the RELEASE frame ``release`` if there is one; the caller holds the send lock."""
-        if self._closed:
+        if self.closed:
             raise _fresh(self._error)
         if release is not None:
             segments = [release, *segments]
@@ -1001,13 +982,13 @@ class Connection:
             self._wait(self._write_poll, deadline)
         else:
             # The loop goes on serving everyone else while this peer is slow to read.
-            self.hub.loop.pump_until(lambda: self._closed, deadline, self._stream.write_fd)
+            self.hub.loop.pump_until(lambda: self.closed, deadline, self._stream.write_fd)
 
     def _wait(self, poller, deadline):
         wait_ready(poller, deadline, f'waiting for {self.peer}')
 
     def _lost(self, cause):
-        if self._closed:
+        if self.closed:
             return _fresh(self._error)
         if cause is None:
             error = ConnectionLostError(f'{self.peer} closed the connection')
@@ -1019,9 +1000,9 @@ class Connection:
 
     def _shutdown(self, error):
         with self._lock:
-            if self._closed:
+            if self.closed:
                 return
-            self._closed = True
+            self.closed = True
             self._error = error
             waiters = self._calls.take_all()
             for waiter in waiters:

@@ -32,10 +32,15 @@ from __future__ import annotations
 import pickle
 import threading
 import weakref
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 from .errors import CallTimeoutError, CommunicationError, ConnectionClosedError, SerializationError
 from .hub import getHub
+
+# A connection in use is asked whether its peer hung up at most this often
+# (seconds): a call sooner than that after the peer closed may fail, unsent again.
+HANG_UP_CHECK_INTERVAL = 0.5
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -96,7 +101,7 @@ def ref(obj: object) -> Ref | RemoteObject:
 class _Link:
     """A proxy's use of a connection, and how to open a new one (``connect`` is None if it cannot)."""
 
-    __slots__ = ('connect', 'connection', 'borrowed', 'lock', 'closed', '__weakref__')
+    __slots__ = ('connect', 'connection', 'borrowed', 'checked_at', 'lock', 'closed', '__weakref__')
 
     def __init__(self, connect):
         self.connect = connect
@@ -106,18 +111,32 @@ class _Link:
         # ago, with no call of this proxy's to tell, and the call can go
         # over a new connection instead; so it is checked before every call.
         self.borrowed = False
+        # When the connection was last found alive (time.monotonic()).
+        self.checked_at = 0.0
         self.lock = threading.Lock()
         self.closed = False
 
     def get(self):
         connection = self.connection
-        if connection is not None and connection.check_alive(self.borrowed):
+        if connection is not None and not connection.closed and not self.borrowed:
+            # Every call's path: no hang-up check within the interval.
+            now = _monotonic()
+            if now - self.checked_at < HANG_UP_CHECK_INTERVAL:
+                return connection
+        return self._checked()
+
+    def _checked(self):
+        """The connection, asked whether its peer hung up; a new one if it did, or if there is none."""
+        connection = self.connection
+        if connection is not None and connection.check_alive():
+            self.checked_at = _monotonic()
             return connection
         with self.lock:
             if self.closed:
                 raise ConnectionClosedError('this proxy was closed')
             connection = self.connection
-            if connection is not None and connection.check_alive(self.borrowed):
+            if connection is not None and connection.check_alive():
+                self.checked_at = _monotonic()
                 return connection
             if connection is not None:
                 self.connection = None
@@ -130,6 +149,8 @@ class _Link:
             connection.acquire()
             self.connection = connection
             self.borrowed = False
+            # Just connected: as good as checked.
+            self.checked_at = _monotonic()
             return connection
 
     def failed(self, connection, error):

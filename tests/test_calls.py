@@ -629,7 +629,7 @@ class ServerGoesAway(HubCase):
         p = self.serve(Service())
         p.echo(0)
         asked = self.count_hang_up_checks(p)
-        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 3600):
+        with mock.patch('dopy.proxy.HANG_UP_CHECK_INTERVAL', 3600):
             for i in range(50):
                 self.assertEqual(p.echo(i), i)
         self.assertEqual(asked, [])
@@ -638,7 +638,7 @@ class ServerGoesAway(HubCase):
         p = self.serve(Service())
         p.echo(0)
         asked = self.count_hang_up_checks(p)
-        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+        with mock.patch('dopy.proxy.HANG_UP_CHECK_INTERVAL', 0):
             for i in range(5):
                 self.assertEqual(p.echo(i), i)
         self.assertEqual(len(asked), 5)
@@ -646,7 +646,7 @@ class ServerGoesAway(HubCase):
     def test_server_closed_then_back_after_the_check_interval_reconnects_with_no_call_failing(self):
         p, port = self.called_then_closed()
         self.server = dopy.tcp.makeServer(port, hub=self.hub)
-        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+        with mock.patch('dopy.proxy.HANG_UP_CHECK_INTERVAL', 0):
             self.assertEqual(p.echo(2), 2)
 
     def test_server_closed_mid_call_fails_the_call_quickly(self):

@@ -346,7 +346,7 @@ class Tls(HubCase):
         self.server = dopy.tcp.makeServer(port, hub=self.hub, ssl_context=server_context())
         # As if the check interval had passed since the last call: the
         # hang-up is seen before anything is sent, and no call fails.
-        with mock.patch('dopy.connection.HANG_UP_CHECK_INTERVAL', 0):
+        with mock.patch('dopy.proxy.HANG_UP_CHECK_INTERVAL', 0):
             self.assertEqual(p.echo(2), 2)
 
     def test_client_certificates_and_an_authkey_combine(self):
