@@ -38,6 +38,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import select
 import socket
 import threading
@@ -140,6 +141,10 @@ class Connection:
         self._mailbox = deque()
         # The connection the owner sleeps on, waiting for a reply, if any.
         self._owner_waits_on = None
+        # A pipe that wakes the owner while it reads another connection
+        # (made the first time it does), and whether it is doing so now.
+        self._wake_fds = None
+        self._owner_reads_elsewhere = False
         self._refs = ReferenceTable()
         # Imported proxies gone, for the next RELEASE: every send looks.
         self._released = self._refs.released
@@ -366,6 +371,7 @@ class Connection:
                 self._serve_owned(me)
             finally:
                 _owned.connection = saved
+                self._close_wake_pipe()
                 # Whether this thread still reads, once the loop has ended.
                 reading = self._reader == me
         except Exception as exc:
@@ -520,6 +526,12 @@ class Connection:
             self._mailbox.append((frame, call))
             if self._sleepers:
                 self._cond.notify_all()
+            if self._owner_reads_elsewhere:
+                # Under the lock that the owner closes the pipe under.
+                try:
+                    os.write(self._wake_fds[1], b'x')
+                except BlockingIOError:
+                    pass  # full of wake-ups the owner has yet to read: it will wake
         waits_on = self._owner_waits_on
         if waits_on is not None and waits_on is not self:
             with waits_on._lock:
@@ -881,6 +893,9 @@ class Connection:
 
     def _read_frame(self, deadline):
         decoder = self._decoder
+        owned = _owned.connection
+        if owned is not None and owned is not self:
+            return self._read_frame_owning(deadline, owned)
         while True:
             if self.closed:
                 raise _fresh(self._error)
@@ -899,6 +914,58 @@ class Connection:
                 continue
             if frame is not None:
                 return frame
+
+    def _read_frame_owning(self, deadline, owned):
+        """``_read_frame`` for the owner of the connection ``owned``: the calls left for it meanwhile run as they come."""
+        decoder = self._decoder
+        wake_r = owned._wake_pipe()
+        poller = select.poll()
+        poller.register(self._stream.read_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        # Nested, when a call run here reads this connection again.
+        was_reading, owned._owner_reads_elsewhere = owned._owner_reads_elsewhere, True
+        try:
+            while True:
+                if self.closed:
+                    raise _fresh(self._error)
+                frame = decoder.next_frame()
+                if frame is not None:
+                    return frame
+                if owned._mailbox:
+                    owned._run_posted()
+                    continue
+                if not self._stream.pending():
+                    wait_ready(poller, deadline, f'waiting for {self.peer}')
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                    if owned._mailbox:
+                        continue
+                try:
+                    frame = self._receive(self._stream.recv_into)
+                except BlockingIOError:
+                    continue
+                if frame is not None:
+                    return frame
+        finally:
+            owned._owner_reads_elsewhere = was_reading
+
+    def _wake_pipe(self):
+        """The reading end of the pipe that wakes this connection's owner, made on first use (by the owner)."""
+        if self._wake_fds is None:
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            self._wake_fds = (wake_r, wake_w)
+        return self._wake_fds[0]
+
+    def _close_wake_pipe(self):
+        with self._lock:
+            fds, self._wake_fds = self._wake_fds, None
+        if fds is not None:
+            os.close(fds[0])
+            os.close(fds[1])
 
     def _receive(self, receive):
         """``decoder.receive(receive)``: the next whole frame or None, with errors translated (BlockingIOError passes)."""

@@ -340,3 +340,80 @@ class TLSFramesBehindTheHandshake(Case):
             decoder.feed(data)
             frame = decoder.next_frame()
         self.assertEqual((frame.kind, wire.loads(frame.data)), (wire.REPLY, 'behind'))
+
+
+class Gate:
+    """A service that waits until someone opens it."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+
+    def wait(self):
+        return 'opened' if self.opened.wait(TIMEOUT) else 'never opened'
+
+    def open(self):
+        self.opened.set()
+
+
+class Middle:
+    """Waits on a gate of a third hub, which only a call of its own client, sent meanwhile, opens."""
+
+    def __init__(self, hub, port):
+        self.hub, self.port = hub, port
+        self.callback = None
+        self.waiting = threading.Event()
+
+    def gate(self):
+        return dopy.tcp.remote('127.0.0.1', self.port, 'gate', timeout=2 * TIMEOUT, hub=self.hub)
+
+    def save(self, callback):
+        self.callback = callback
+
+    def pass_gate(self):
+        gate = self.gate()
+        try:
+            self.waiting.set()
+            return gate.wait()
+        finally:
+            dopy.close(gate)
+
+    def open_gate(self):
+        gate = self.gate()
+        try:
+            gate.open()
+        finally:
+            dopy.close(gate)
+        return 'opening'
+
+
+class Opener:
+    """The client's callback: asks the middle hub, over the same connection, to open the gate."""
+
+    def __init__(self):
+        self.middle = None
+
+    def ping(self):
+        return self.middle.open_gate()
+
+
+class OwnerWaitingOnAnotherConnection(HubCase):
+    """A connection's thread waiting for a reply on another connection still runs the calls left for it."""
+
+    def test_a_call_left_for_a_thread_that_waits_on_another_connection_runs(self):
+        gate_hub = dopy.Hub()
+        self.addCleanup(gate_hub.shutdown)
+        gate_hub.addObject('gate', Gate())
+        gate_server = dopy.tcp.makeServer(0, hub=gate_hub)
+        middle = Middle(self.hub, gate_server.port)
+        p = self.serve(middle, timeout=2 * TIMEOUT)
+        opener = Opener()
+        opener.middle = p
+        p.save(dopy.ref(opener))
+        passed = p.pass_gate.future()
+        self.assertTrue(middle.waiting.wait(TIMEOUT))
+        # Another thread of the middle hub calls the client back over the
+        # connection whose thread waits at the gate; the client's callback
+        # then asks that connection, in a call that only that thread may
+        # run, to open the gate.
+        self.assertEqual(call_in_thread(middle.callback.ping), 'opening')
+        self.assertEqual(passed.result(TIMEOUT), 'opened')
