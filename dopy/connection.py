@@ -4,7 +4,13 @@ Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
 a socket or a pair of pipes); a server's and a client's differ only in who
 reads.  A threaded server runs ``serve()`` in a thread of the connection's
 own, which sleeps in a blocking recv and runs the peer's calls in order.
-A client has no thread of its own: a thread waiting for a reply takes the
+In THRD_CONN that thread is the connection's *owner*: every call the peer
+sends runs on it.  While it runs one, a thread that waits for a reply on
+the connection may read it instead; the calls it reads go to the owner's
+mailbox, which the owner empties before it reads again and whenever it
+waits for a reply itself (woken by a pipe of its own while it reads
+another connection).  So no reply waits for a method, and no call leaves
+its thread.  A client has no thread of its own: a thread waiting for a reply takes the
 *reader* role and reads the socket itself, handing replies meant for other
 threads to them (they wait on a condition) and serving any call that
 arrives meanwhile.  When its own reply is in, it gives the role up to one of
