@@ -899,37 +899,16 @@ class Connection:
 
     def _read_frame(self, deadline):
         decoder = self._decoder
+        # The connection whose calls this thread runs, if another: the calls
+        # left for it while it reads here run as they come (see _post).
         owned = _owned.connection
-        if owned is not None and owned is not self:
-            return self._read_frame_owning(deadline, owned)
-        while True:
-            if self.closed:
-                raise _fresh(self._error)
-            frame = decoder.next_frame()
-            if frame is not None:
-                return frame
-            if deadline is None and self._recv_wait is not None:
-                receive = self._recv_wait
-            else:
-                receive = self._stream.recv_into
-                if not self._stream.pending():
-                    self._wait(self._read_poll, deadline)
-            try:
-                frame = self._receive(receive)
-            except BlockingIOError:
-                continue
-            if frame is not None:
-                return frame
-
-    def _read_frame_owning(self, deadline, owned):
-        """``_read_frame`` for the owner of the connection ``owned``: the calls left for it meanwhile run as they come."""
-        decoder = self._decoder
-        wake_r = owned._wake_pipe()
-        poller = select.poll()
-        poller.register(self._stream.read_fd, select.POLLIN)
-        poller.register(wake_r, select.POLLIN)
-        # Nested, when a call run here reads this connection again.
-        was_reading, owned._owner_reads_elsewhere = owned._owner_reads_elsewhere, True
+        if owned is self:
+            owned = None
+        elif owned is not None:
+            # The pipe first: whoever sees the flag writes to it.
+            owned._wake_pipe()
+            # Nested, when a call run here reads this connection again.
+            was_reading, owned._owner_reads_elsewhere = owned._owner_reads_elsewhere, True
         try:
             while True:
                 if self.closed:
@@ -937,25 +916,42 @@ class Connection:
                 frame = decoder.next_frame()
                 if frame is not None:
                     return frame
-                if owned._mailbox:
-                    owned._run_posted()
-                    continue
-                if not self._stream.pending():
-                    wait_ready(poller, deadline, f'waiting for {self.peer}')
-                    try:
-                        os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
+                if owned is not None:
                     if owned._mailbox:
+                        owned._run_posted()
                         continue
+                    receive = self._stream.recv_into
+                    if not self._stream.pending():
+                        owned._wait_or_wake(self._stream.read_fd, deadline, f'waiting for {self.peer}')
+                        if owned._mailbox:
+                            continue
+                elif deadline is None and self._recv_wait is not None:
+                    receive = self._recv_wait
+                else:
+                    receive = self._stream.recv_into
+                    if not self._stream.pending():
+                        self._wait(self._read_poll, deadline)
                 try:
-                    frame = self._receive(self._stream.recv_into)
+                    frame = self._receive(receive)
                 except BlockingIOError:
                     continue
                 if frame is not None:
                     return frame
         finally:
-            owned._owner_reads_elsewhere = was_reading
+            if owned is not None:
+                owned._owner_reads_elsewhere = was_reading
+
+    def _wait_or_wake(self, read_fd, deadline, what):
+        """The owner, reading another connection: wait until ``read_fd`` is readable or a call is left for it (by ``deadline``)."""
+        wake_r = self._wake_fds[0]
+        poller = select.poll()
+        poller.register(read_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        wait_ready(poller, deadline, what)
+        try:
+            os.read(wake_r, 512)
+        except BlockingIOError:
+            pass
 
     def _wake_pipe(self):
         """The reading end of the pipe that wakes this connection's owner, made on first use (by the owner)."""
