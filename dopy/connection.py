@@ -45,6 +45,7 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import select
 import socket
 import threading
@@ -52,6 +53,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from threading import get_ident
+from time import monotonic as _monotonic
 
 from . import dispatch, proxy, wire
 from .calls import CallTable, Waiter, reply_outcome, unpickling_failed
@@ -70,18 +72,18 @@ log = logging.getLogger('dopy.connection')
 _MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _PLAIN_TYPES = wire.PLAIN_TYPES
+_REBUILD_MARK = proxy.REBUILD_MARK
+_wire_state = proxy.wire_state
+_pickle_loads = pickle.loads
 _serials = itertools.count(1)
 # Method names a connection remembers as checked (see _serve_owned).
 _MAX_CHECKED = 1024
 
 
-class _Owned(threading.local):
-    """The connection whose calls this thread runs (see ``Connection.serve``), if any."""
-
-    connection = None
-
-
-_owned = _Owned()
+# Thread ident -> the connection whose calls that thread runs (see
+# ``Connection.serve``).  A dict rather than a thread-local: looked up on
+# every read, where a thread-local costs several times as much.
+_owners = {}
 
 
 def translate_os_error(exc, what, hint=''):
@@ -123,6 +125,7 @@ class Connection:
         self.hub = hub
         self._serial = next(_serials)
         self._stream = stream
+        self._stream_send = stream.send
         self._threaded = hub.threaded
         self._pooled = hub.threadMode == THRD_FUNC
         self._decoder = wire.Decoder(hub.max_message_size)
@@ -136,8 +139,12 @@ class Connection:
         self._cond = None
         self._sleepers = 0
         self._calls = CallTable()
+        self._next_id = self._calls.next_id
         self._reader = None
         self._reader_thread = None
+        # True while a caller whose reply nobody else reads may read it
+        # itself: the connection is open, threaded, with no reader thread.
+        self._direct = self._threaded
         self._serving = False
         # THRD_CONN: the thread that serves this connection (``serve``), and
         # whether it is running a call rather than reading; calls that
@@ -191,11 +198,10 @@ class Connection:
         Raises the remote exception, rebuilt (see ``dopy.remote_exc``), or a
         ``CommunicationError``.  The call is sent at most once.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else _monotonic() + timeout
         lock = self._lock
         lock.acquire()
-        if (self._reader is not None or self._reader_thread is not None or self.closed
-                or not self._threaded):
+        if self._reader is not None or not self._direct:
             lock.release()
             waiter = Waiter(name, method)
             request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
@@ -215,12 +221,9 @@ class Connection:
                 waiter = Waiter(name, method)
                 self._register(request_id, waiter)
             else:
-                read_frame = self._read_frame
                 while True:
-                    frame = read_frame(deadline)
+                    frame = self._read_frame(deadline)
                     if frame.request_id == request_id and frame.kind in _ANSWERS:
-                        # Unpickled while this thread still reads: the frame
-                        # may be a view of the decoder's buffer.
                         value, error = self._unpack(frame, name, method)
                         break
                     self._handle(frame)
@@ -281,7 +284,7 @@ class Connection:
         self._send_call(wire.ONEWAY, None, args, kwargs, deadline, name, method)
 
     def _send_call(self, kind, waiter, args, kwargs, deadline, name, method):
-        request_id = self._calls.next_id()
+        request_id = self._next_id()
         plain = not kwargs
         for arg in args:
             arg_type = type(arg)
@@ -290,23 +293,28 @@ class Connection:
                 if arg_type in wire.OUT_OF_BAND_TYPES:
                     args = tuple(map(wire.out_of_band, args))
                     break
-        if kwargs:
-            kwargs = {k: wire.out_of_band(v) for k, v in kwargs.items()}
+        send_lock = self._send_lock
         if plain:
             # Every small call's path: arguments that can refer to no object
             # are pickled with no wire state, and outside the send lock.
-            segments = wire.message_segments(kind, request_id, (name, method, args, kwargs), True)
-        else:
-            segments = None
-        send_lock = self._send_lock
+            data = wire.plain_frame(kind, request_id, (name, method, args, kwargs))
+            send_lock.acquire()
+            try:
+                if waiter is not None:
+                    self._register(request_id, waiter)
+                self._send_frame(data, deadline)
+            finally:
+                send_lock.release()
+            return request_id
+        if kwargs:
+            kwargs = {k: wire.out_of_band(v) for k, v in kwargs.items()}
         send_lock.acquire()
         try:
             # The RELEASE due goes ahead of the frame, and is taken before the
             # frame is pickled, under the send lock: one queued meanwhile must
             # not overtake a frame that may still refer to the released object.
             release = self._release_frame() if self._released else None
-            if segments is None:
-                segments = self._pickle_call(kind, request_id, name, method, args, kwargs)
+            segments = self._pickle_call(kind, request_id, name, method, args, kwargs)
             if waiter is not None:
                 self._register(request_id, waiter)
             self._send(segments, deadline, release)
@@ -345,6 +353,7 @@ class Connection:
                 return
             self._reader_thread = threading.Thread(
                 target=self.serve, name=f'dopy-reader-{self.peer}', daemon=True)
+            self._direct = False
         self._reader_thread.start()
 
     def serve(self):
@@ -372,11 +381,15 @@ class Connection:
             if not owning:
                 while True:
                     self._handle(self._read_frame(None))
-            saved, _owned.connection = _owned.connection, self
+            saved = _owners.get(me)
+            _owners[me] = self
             try:
                 self._serve_owned(me)
             finally:
-                _owned.connection = saved
+                if saved is None:
+                    del _owners[me]
+                else:
+                    _owners[me] = saved
                 self._close_wake_pipe()
                 # Whether this thread still reads, once the loop has ended.
                 reading = self._reader == me
@@ -396,8 +409,7 @@ class Connection:
         Anything else takes dispatch's path, which says why it fails.
         """
         lock = self._lock
-        next_frame = self._decoder.next_frame
-        receive = self._receive
+        receive = self._decoder.receive
         recv = self._recv_wait
         read_frame = self._read_frame
         handle = self._handle
@@ -406,21 +418,22 @@ class Connection:
         # (object name, method name) -> the registry entry they were found
         # public in: good for as long as the name still maps to that entry.
         checked = {}
-        state = proxy.wire_state
-        loads = wire.loads
-        message_segments = wire.message_segments
+        loads = self._loads
+        plain_frame = wire.plain_frame
+        send_frame = self._send_frame
         plain = _PLAIN_TYPES
         call_kind, reply_kind = wire.CALL, wire.REPLY
         send_lock = self._send_lock
         while True:
-            frame = next_frame()
-            if frame is None:
-                if recv is None or self.closed:
-                    frame = read_frame(None)
-                else:
+            if recv is None or self.closed:
+                frame = read_frame(None)
+            else:
+                try:
                     frame = receive(recv)
-                    if frame is None:
-                        continue
+                except Exception as exc:
+                    raise self._receive_failed(exc)
+                if frame is None:
+                    continue
             kind = frame.kind
             if kind != call_kind:
                 if kind != wire.ONEWAY:
@@ -430,15 +443,10 @@ class Connection:
                 self._owner_running = True
                 self._run(frame, call)
             else:
-                # Unpickled while this thread still reads: the frame may be
-                # a view of the decoder's buffer.
-                saved, state.connection = state.connection, self
                 try:
                     message = loads(frame.data, frame.buffers)
                 except Exception as exc:
                     message = dispatch.unpicklable(exc)
-                finally:
-                    state.connection = saved
                 method = None
                 if type(message) is tuple and len(message) == 4:
                     name, method_name, args, kwargs = message
@@ -470,12 +478,11 @@ class Connection:
                         # references among them are released ahead of it.
                         args = kwargs = None
                         if type(value) in plain:
-                            segments = message_segments(reply_kind, frame.request_id, value, True)
+                            data = plain_frame(reply_kind, frame.request_id, value)
                             value = None
                             send_lock.acquire()
                             try:
-                                self._send(segments, None,
-                                           self._release_frame() if self._released else None)
+                                send_frame(data, None)
                             finally:
                                 send_lock.release()
                         else:
@@ -698,8 +705,10 @@ class Connection:
         ref = f'via:{self.peer}/{self._serial}:{name}'
         if not name.startswith('#'):
             return proxy.RemoteObject(ref, name, None, timeout, connection=self)
-        return self._refs.imported(
-            name, lambda: proxy.RemoteObject(ref, name, None, timeout, connection=self))
+        def make_proxy():
+            remote = proxy.RemoteObject(ref, name, None, timeout, connection=self)
+            return remote, remote._dopy_link
+        return self._refs.imported(name, make_proxy)
 
     def _release_frame(self):
         return self._refs.release_frame()
@@ -715,9 +724,15 @@ class Connection:
             raise error from exc
 
     def _loads(self, data, buffers):
-        # _in_wire_state(wire.loads, data, buffers) spelt out: every call's
-        # unpickling on a server, where the argument packing shows.
-        state = proxy.wire_state
+        """Unpickle a payload received on this connection, in its wire state if it may rebuild a reference.
+
+        Every message's path: setting the wire state, a thread-local, costs
+        as much as unpickling a small message.
+        """
+        # find, not ``in``: ``in`` first tries the mark as an int, and builds an exception.
+        if data.find(_REBUILD_MARK) < 0:
+            return wire.loads(data, buffers) if buffers else _pickle_loads(data)
+        state = _wire_state
         saved, state.connection = state.connection, self
         try:
             return wire.loads(data, buffers)
@@ -726,14 +741,10 @@ class Connection:
 
     def _unpack(self, frame, name, method):
         """A reply frame's ``(value, exception)``: the exception is built, not raised."""
-        state = proxy.wire_state
-        saved, state.connection = state.connection, self
         try:
-            value = wire.loads(frame.data, frame.buffers)
+            value = self._loads(frame.data, frame.buffers)
         except Exception as exc:
             return unpickling_failed(frame.kind, exc, name, method)
-        finally:
-            state.connection = saved
         if frame.kind == wire.REPLY:
             return value, None
         return reply_outcome(frame.kind, value, name, method)
@@ -745,7 +756,7 @@ class Connection:
         me = get_ident()
         # The connection whose calls this thread runs, if any: its calls read
         # by another thread are run here while this thread waits.
-        owned = _owned.connection
+        owned = _owners.get(me)
         lock = self._lock
         lock.acquire()
         try:
@@ -873,20 +884,23 @@ class Connection:
         if frame.kind == wire.ONEWAY:
             dispatch.log_oneway(frame.request_id, outcome)
             return
-        if outcome.ok and type(outcome.value) in _PLAIN_TYPES:
-            # Every small result's path: a value that can refer to no object
-            # is pickled with no wire state, and outside the send lock.
-            segments = wire.message_segments(wire.REPLY, frame.request_id, outcome.value, True)
-        else:
-            segments = None
         send_lock = self._send_lock
         try:
+            if outcome.ok and type(outcome.value) in _PLAIN_TYPES:
+                # A value that can refer to no object is pickled with no
+                # wire state, and outside the send lock.
+                data = wire.plain_frame(wire.REPLY, frame.request_id, outcome.value)
+                send_lock.acquire()
+                try:
+                    self._send_frame(data, None)
+                finally:
+                    send_lock.release()
+                return
             send_lock.acquire()
             try:
                 # The RELEASE due first, then the reply pickled: as in _send_call.
                 release = self._release_frame() if self._released else None
-                if segments is None:
-                    segments = self._in_wire_state(dispatch.reply_segments, frame.request_id, outcome)
+                segments = self._in_wire_state(dispatch.reply_segments, frame.request_id, outcome)
                 self._send(segments, None, release)
             finally:
                 send_lock.release()
@@ -898,17 +912,30 @@ class Connection:
                 raise
 
     def _read_frame(self, deadline):
-        decoder = self._decoder
+        """The next frame, read by this thread, which holds the reading role; waits until ``deadline``."""
         # The connection whose calls this thread runs, if another: the calls
         # left for it while it reads here run as they come (see _post).
-        owned = _owned.connection
-        if owned is self:
+        owned = _owners.get(get_ident())
+        if owned is None or owned is self:
+            if deadline is None and self._recv_wait is not None:
+                # Every read's path with no deadline: asleep in recv.
+                receive, recv = self._decoder.receive, self._recv_wait
+                while True:
+                    if self.closed:
+                        raise _fresh(self._error)
+                    try:
+                        frame = receive(recv)
+                    except Exception as exc:
+                        raise self._receive_failed(exc)
+                    if frame is not None:
+                        return frame
             owned = None
-        elif owned is not None:
+        else:
             # The pipe first: whoever sees the flag writes to it.
             owned._wake_pipe()
             # Nested, when a call run here reads this connection again.
             was_reading, owned._owner_reads_elsewhere = owned._owner_reads_elsewhere, True
+        decoder = self._decoder
         try:
             while True:
                 if self.closed:
@@ -925,8 +952,6 @@ class Connection:
                         owned._wait_or_wake(self._stream.read_fd, deadline, f'waiting for {self.peer}')
                         if owned._mailbox:
                             continue
-                elif deadline is None and self._recv_wait is not None:
-                    receive = self._recv_wait
                 else:
                     receive = self._stream.recv_into
                     if not self._stream.pending():
@@ -975,18 +1000,45 @@ class Connection:
             return self._decoder.receive(receive)
         except BlockingIOError:
             raise
-        except EOFError:
-            raise self._lost(None) from None
-        except ProtocolError as exc:
+        except Exception as exc:
+            raise self._receive_failed(exc)
+
+    def _receive_failed(self, exc):
+        """What a read that raised ``exc`` raises: the connection is shut if it cannot go on."""
+        if isinstance(exc, EOFError):
+            error = self._lost(None)
+            error.__suppress_context__ = True
+            return error
+        if isinstance(exc, ProtocolError):
             self._refuse(exc)
-            raise
-        except CommunicationError as exc:
+        elif isinstance(exc, CommunicationError):
             # The greeting of a server that frames were sent to early
             # (streams.EarlyStream) refused them: every call hears why.
             self._shutdown(exc)
-            raise
-        except OSError as exc:
-            raise self._lost(exc)
+        elif isinstance(exc, OSError):
+            return self._lost(exc)
+        return exc
+
+    def _send_frame(self, data, deadline):
+        """Send one frame that refers to no object, in one ``bytes``, after the RELEASE due; the caller holds the send lock.
+
+        Every small message's path: one send, which takes it all.
+        """
+        if self._released:
+            # A frame that refers to no object may follow the RELEASE taken now.
+            self._send([data], deadline, self._release_frame())
+            return
+        if self.closed:
+            raise _fresh(self._error)
+        try:
+            try:
+                sent = self._stream_send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent != len(data):
+                self._send_rest(data, sent, deadline)
+        except BaseException as exc:
+            raise self._send_failed(exc)
 
     def _send(self, segments, deadline, release=None):
         """Send a frame's segments, after the RELEASE frame ``release`` if there is one; the caller holds the send lock."""
@@ -996,28 +1048,31 @@ class Connection:
             segments = [release, *segments]
         try:
             if len(segments) == 1:
-                # Every small message's path: one send, which takes it all.
                 data = segments[0]
                 try:
-                    sent = self._stream.send(data)
+                    sent = self._stream_send(data)
                 except BlockingIOError:
                     sent = 0
                 if sent != len(data):
                     self._send_rest(data, sent, deadline)
             else:
                 self._send_segments(segments, deadline)
-        except CallTimeoutError:
+        except BaseException as exc:
+            raise self._send_failed(exc)
+
+    def _send_failed(self, exc):
+        """What a send that raised ``exc`` raises: the connection is shut, for part of a frame may have gone."""
+        if isinstance(exc, CallTimeoutError):
             self._shutdown(ConnectionLostError(
                 f'connection with {self.peer} closed: a send timed out part-way through a frame'))
-            raise
-        except OSError as exc:
-            raise self._lost(exc)
-        except BaseException:
-            # Interrupted (Ctrl-C, say) at a point that cannot be known: part
-            # of a frame may have gone, and nothing can follow it.
-            self._shutdown(ConnectionLostError(
-                f'connection with {self.peer} closed: a send was interrupted, perhaps part-way through a frame'))
-            raise
+            return exc
+        if isinstance(exc, OSError):
+            return self._lost(exc)
+        # Interrupted (Ctrl-C, say) at a point that cannot be known: part
+        # of a frame may have gone, and nothing can follow it.
+        self._shutdown(ConnectionLostError(
+            f'connection with {self.peer} closed: a send was interrupted, perhaps part-way through a frame'))
+        return exc
 
     def _send_rest(self, data, sent, deadline):
         stream = self._stream
@@ -1072,6 +1127,7 @@ class Connection:
             if self.closed:
                 return
             self.closed = True
+            self._direct = False
             self._error = error
             waiters = self._calls.take_all()
             for waiter in waiters:

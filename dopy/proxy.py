@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from .connection import Connection
 
-__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'attach',
+__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'REBUILD_MARK', 'attach',
            'rebuild_here', 'rebuild_yours', 'rebuild_address']
 
 class _WireState(threading.local):
@@ -64,6 +64,12 @@ wire_state = _WireState()
 
 def _current_connection():
     return wire_state.connection
+
+
+# Every function that unpickling calls to rebuild a reference (``rebuild_*``,
+# ``_rebuild``) has this in its name, which a pickle holds as it is: a
+# pickle without it rebuilds none, and is unpickled without ``wire_state``.
+REBUILD_MARK = b'rebuild'
 
 
 class Ref:
@@ -103,6 +109,10 @@ class _Link:
 
     __slots__ = ('connect', 'connection', 'borrowed', 'checked_at', 'lock', 'closed', '__weakref__')
 
+    # A link lives as long as its proxy or any of its method stubs (see
+    # ``_method_stub``), and holds neither: when the last of them goes, it
+    # lets go of its connection.
+
     def __init__(self, connect):
         self.connect = connect
         self.connection = None
@@ -117,15 +127,6 @@ class _Link:
         self.closed = False
 
     def get(self):
-        connection = self.connection
-        if connection is not None and not connection.closed and not self.borrowed:
-            # Every call's path: no hang-up check within the interval.
-            now = _monotonic()
-            if now - self.checked_at < HANG_UP_CHECK_INTERVAL:
-                return connection
-        return self._checked()
-
-    def _checked(self):
         """The connection, asked whether its peer hung up; a new one if it did, or if there is none."""
         connection = self.connection
         if connection is not None and connection.check_alive():
@@ -185,6 +186,27 @@ class _Link:
         if connection is not None:
             connection.release()
 
+    def __del__(self):
+        connection = self.connection
+        if connection is not None:
+            connection.release()
+
+    def call(self, name, method, args, kwargs, timeout, send=None):
+        """Call ``method`` of the remote object ``name``: with the connection's ``call``, or its method named ``send``."""
+        connection = self.connection
+        # Every call's path: a connection in use, checked for a hang-up
+        # within the interval, is used as it is.
+        if (connection is None or connection.closed or self.borrowed
+                or _monotonic() - self.checked_at >= HANG_UP_CHECK_INTERVAL):
+            connection = self.get()
+        try:
+            if send is None:
+                return connection.call(name, method, args, kwargs, timeout)
+            return getattr(connection, send)(name, method, args, kwargs, timeout)
+        except BaseException as exc:
+            self.failed(connection, exc)
+            raise
+
 
 def _abandoned(error):
     """True if ``error`` is the caller giving up on a call in flight, not its outcome nor a failed connection.
@@ -200,7 +222,18 @@ def _abandoned(error):
     return isinstance(error, CallTimeoutError) or not isinstance(error, (CommunicationError, SerializationError))
 
 
-class RemoteObject:
+class _Stubs:
+    """The instance dictionary of a proxy, which holds nothing but its method stubs (see ``RemoteObject.__getattr__``)."""
+
+
+# The real instance dictionary of a proxy: ``RemoteObject`` hides ``__dict__``.
+_stubs_of = _Stubs.__dict__['__dict__'].__get__
+_set = object.__setattr__
+# Method stubs a proxy keeps, at most: past that, each access makes a new one.
+_MAX_STUBS = 256
+
+
+class RemoteObject(_Stubs):
     """A proxy for an object in another hub.
 
     Any public attribute is a method of the remote object: ``proxy.name(...)``
@@ -213,24 +246,37 @@ class RemoteObject:
     ``dopy.close(proxy)``, to close the connection it owns.
     """
 
-    __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '_dopy_fetched',
-                 '__weakref__')
+    __slots__ = ('_dopy_ref', '_dopy_name', '_dopy_timeout', '_dopy_link', '_dopy_fetched')
 
     def __init__(self, ref: str, name: str, connect: Callable[[], Connection] | None,
                  timeout: float | None = None, connection: Connection | None = None) -> None:
-        self._dopy_ref = ref
-        self._dopy_name = name
-        self._dopy_timeout = timeout
-        self._dopy_link = _Link(connect)
-        self._dopy_fetched = None
+        _set(self, '_dopy_ref', ref)
+        _set(self, '_dopy_name', name)
+        _set(self, '_dopy_timeout', timeout)
+        _set(self, '_dopy_link', _Link(connect))
+        _set(self, '_dopy_fetched', None)
         if connection is not None:
             self._dopy_link.use(connection)
-        weakref.finalize(self, self._dopy_link.close)
 
-    def __getattr__(self, name: str) -> _Method:
+    @property
+    def __dict__(self):
+        raise AttributeError('a dopy proxy has no __dict__: its attributes are remote methods')
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not name.startswith('_dopy_'):
+            raise AttributeError(f'cannot set {name!r} on a dopy proxy: its attributes are remote methods')
+        _set(self, name, value)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # Called once per name: the stub made is kept in the instance
+        # dictionary, where the next ``proxy.name`` finds it at once.
         if name.startswith('_'):
             raise AttributeError(f'{name!r}: names starting with "_" are not forwarded to the remote object')
-        return _Method(self, name)
+        stub = _method_stub(self._dopy_link, self._dopy_name, name, self._dopy_timeout, self._dopy_ref)
+        stubs = _stubs_of(self)
+        if len(stubs) < _MAX_STUBS:
+            stubs[name] = stub
+        return stub
 
     def __str__(self) -> str:
         return self._dopy_ref
@@ -297,15 +343,8 @@ class RemoteObject:
     def __exit__(self, *exc_info: object) -> None:
         self._dopy_link.close()
 
-    def _dopy_call(self, method, args, kwargs, send='call'):
-        """Call ``method`` through the connection's ``send`` method: ``call``, ``call_async`` or ``call_oneway``."""
-        link = self._dopy_link
-        connection = link.get()
-        try:
-            return getattr(connection, send)(self._dopy_name, method, args, kwargs, self._dopy_timeout)
-        except BaseException as exc:
-            link.failed(connection, exc)
-            raise
+    def _dopy_call(self, method, args, kwargs):
+        return self._dopy_link.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
 
 
 class _Fetched:
@@ -326,41 +365,34 @@ def _iterate(proxy, fetched, items):
     yield from items
 
 
-class _Method:
-    """A remote method of a proxy: calling it makes the call and waits for the result.
+def _method_stub(link, name, method, timeout, ref):
+    """The method ``method`` of the remote object ``name``, as a function that calls it over ``link``.
 
-    ``future(...)`` makes the call without waiting and returns a
-    ``concurrent.futures.Future``; ``oneway(...)`` sends it and wants no
-    reply at all (a failure is logged by the server).
+    ``stub.future(...)`` makes the call without waiting and returns a
+    ``concurrent.futures.Future``; ``stub.oneway(...)`` sends it and wants
+    no reply at all (a failure is logged by the server).  A stub holds the
+    link, not the proxy: a proxy keeps its stubs, and a cycle would keep
+    the proxy, and its connection, alive until the garbage collector ran.
     """
+    # Plain functions: a call of one from Python code enters no C code on
+    # its way (a __call__ method would), every call's path.
+    def remote_method(*args, **kwargs):
+        return link.call(name, method, args, kwargs, timeout)
 
-    __slots__ = ('_proxy', '_name')
-
-    def __init__(self, proxy, name):
-        self._proxy = proxy
-        self._name = name
-
-    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        # RemoteObject._dopy_call's work for a plain call, in one step: every call's path.
-        proxy = self._proxy
-        link = proxy._dopy_link
-        connection = link.get()
-        try:
-            return connection.call(proxy._dopy_name, self._name, args, kwargs, proxy._dopy_timeout)
-        except BaseException as exc:
-            link.failed(connection, exc)
-            raise
-
-    def future(self, /, *args: Any, **kwargs: Any) -> Future[Any]:
+    def future(*args: Any, **kwargs: Any) -> Future[Any]:
         """Start the call and return a ``concurrent.futures.Future`` of its result."""
-        return self._proxy._dopy_call(self._name, args, kwargs, 'call_async')
+        return link.call(name, method, args, kwargs, timeout, 'call_async')
 
-    def oneway(self, /, *args: Any, **kwargs: Any) -> None:
+    def oneway(*args: Any, **kwargs: Any) -> None:
         """Send the call and return None at once, without waiting for it to run."""
-        self._proxy._dopy_call(self._name, args, kwargs, 'call_oneway')
+        link.call(name, method, args, kwargs, timeout, 'call_oneway')
 
-    def __repr__(self) -> str:
-        return f'<remote method {self._name} of {self._proxy!r}>'
+    remote_method.__name__ = method
+    remote_method.__qualname__ = f'remote method {method} of {ref}'
+    remote_method.__doc__ = f'Call {method}() of the remote object {ref} and return its result.'
+    remote_method.future = future
+    remote_method.oneway = oneway
+    return remote_method
 
 
 def close(proxy: RemoteObject) -> None:

@@ -60,17 +60,22 @@ class ReferenceTable:
                 f'reference {name} was never exported on this connection, or was released') from None
 
     def imported(self, name, make_proxy):
-        """The proxy for the peer's export ``name``, made by ``make_proxy()`` unless one is alive, counted as received once more."""
+        """The proxy for the peer's export ``name``, made by ``make_proxy()`` unless one is alive, counted as received once more.
+
+        ``make_proxy()`` returns the proxy and what it calls through (its
+        link): the reference is released when that is gone, which may be
+        after the proxy, while a method stub of it is kept.
+        """
         with self._lock:
             entry = self._imports.get(name)
             remote = entry[0]() if entry is not None else None
             if remote is None:
-                remote = make_proxy()
+                remote, link = make_proxy()
                 received = [0]
                 self._imports[name] = (weakref.ref(remote), received)
                 # A finalizer may run inside any code, this lock's holder
                 # included: it only appends, and the counting is done later.
-                weakref.finalize(remote, self.released.append, (name, received))
+                weakref.finalize(link, self.released.append, (name, received))
             else:
                 received = entry[1]
             received[0] += 1

@@ -49,7 +49,7 @@ __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
     'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band', 'OUT_OF_BAND_TYPES',
     'PLAIN_TYPES',
-    'frame_segments', 'message_segments', 'encode',
+    'frame_segments', 'message_segments', 'plain_frame', 'encode',
 ]
 
 MAGIC = b'DOPY'
@@ -59,6 +59,8 @@ HEADER = struct.Struct('!4sBBHQQ')
 # field to compare, then kind, buffer count, request id and length.
 _PARSED_HEADER = struct.Struct('!5sBHQQ')
 _LENGTH = struct.Struct('!Q')
+_PLAIN_HEADER_PACK = _PARSED_HEADER.pack
+_pickle_dumps = pickle.dumps
 _HEADER_SIZE = HEADER.size
 _LENGTH_SIZE = _LENGTH.size
 
@@ -90,7 +92,11 @@ _STAGING_MAX = 256 * 1024
 
 
 class Frame(namedtuple('Frame', ('kind', 'request_id', 'data', 'buffers'), defaults=((),))):
-    """One decoded frame: its kind, request id, pickle bytes and buffers."""
+    """One decoded frame: its kind, request id, pickle and buffers.
+
+    The pickle (``data``) is a ``bytes`` or ``bytearray`` of its own, never
+    a view of a buffer that is used again; ``buffers`` are memoryviews.
+    """
 
     __slots__ = ()
 
@@ -209,14 +215,24 @@ def message_segments(kind, request_id, obj, plain=False):
     """
     if plain or type(obj) in PLAIN_TYPES:
         # No buffer callback: a third of the cost of a small pickle.
-        data = pickle.dumps(obj, 5)
+        data = _pickle_dumps(obj, 5)
         buffers = None
     else:
         buffers = _Buffers()
         data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large)
     if buffers or kind not in KINDS or not 0 <= request_id <= _MAX_REQUEST_ID:
         return frame_segments(kind, request_id, data, buffers)
-    return [HEADER.pack(MAGIC, VERSION, kind, 0, request_id, len(data)) + data]
+    return [_PLAIN_HEADER_PACK(_PREFIX, kind, 0, request_id, len(data)) + data]
+
+
+def plain_frame(kind, request_id, obj):
+    """Pickle ``obj``, which holds no buffer that could go out of band, and frame it: the frame as one ``bytes``.
+
+    Every small message's path.  ``kind`` must be one of ``KINDS``; a
+    request id out of range raises ``struct.error``.
+    """
+    data = _pickle_dumps(obj, 5)
+    return _PLAIN_HEADER_PACK(_PREFIX, kind, 0, request_id, len(data)) + data
 
 
 def encode(kind, request_id, obj):
@@ -281,12 +297,12 @@ class Decoder:
 
         Returns the next whole frame, or None if there is none yet (the
         same as ``advance(recv(get_buffer()))``, then ``next_frame()``).
+        A frame decoded before comes first, without calling ``recv``.
         Raises ``EOFError`` if ``recv`` returned 0: the stream has ended.
 
-        The frame returned may hold a view of the decoder's own buffer
-        rather than a copy: it is good until the next call into the
-        decoder, so unpickle it first.
         """
+        if self._ready:
+            return self._ready.popleft()
         end = self._end
         if self._large is not None or end == self._size:
             received = recv(self.get_buffer())
@@ -301,14 +317,14 @@ class Decoder:
         end += received
         self._end = end
         start = self._start
-        if end - start > _HEADER_SIZE and not self._ready:
+        if end - start > _HEADER_SIZE:
             prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(view, start)
             body = start + _HEADER_SIZE
             if (body + length == end and not nbuf and prefix == _PREFIX and kind in KINDS
                     and length <= self.max_size):
-                # One whole frame and nothing more, the usual case: no copy.
+                # One whole frame and nothing more, the usual case.
                 self._start = self._end = 0
-                return _new_frame(Frame, (kind, request_id, view[body:end], ()))
+                return _new_frame(Frame, (kind, request_id, self._staging[body:end], ()))
         self._parse()
         return self.next_frame()
 
@@ -442,7 +458,7 @@ class _LargeFrame:
         kind, nbuf, request_id, length = self.header
         if not nbuf:
             return Frame(kind, request_id, self.views[0].obj)
-        return Frame(kind, request_id, self.views[1], self.views[2:])
+        return Frame(kind, request_id, self.views[1].obj, self.views[2:])
 
 
 def _check_header(view, start, max_size):
@@ -477,4 +493,4 @@ def _make_frame(header, payload):
     for size in sizes:
         buffers.append(view[position:position + size])
         position += size
-    return Frame(kind, request_id, view[table:table + data_size], buffers)
+    return Frame(kind, request_id, payload[table:table + data_size], buffers)

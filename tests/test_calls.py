@@ -10,13 +10,15 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 import unittest
 from unittest import mock
 
 import dopy
 import dopy.tcp
 from dopy import wire
-from tests.support import ROOT, raw_client, TIMEOUT, HubCase, each_mode, eventually, logged
+from tests.support import (ROOT, raw_client, TIMEOUT, HubCase, each_mode, eventually, logged,
+                           pipe_proxy)
 
 
 class Service:
@@ -131,6 +133,32 @@ class BasicCalls(HubCase):
             self.p._hidden()
         with self.assertRaises(AttributeError):
             self.p.__len__()
+
+    def test_a_method_taken_from_a_proxy_calls_after_the_proxy_is_gone(self):
+        if self.transport == 'tcp':
+            proxy = dopy.tcp.remote('127.0.0.1', self.server.port, 'obj', timeout=TIMEOUT,
+                                    hub=self.client_hub)
+        else:
+            proxy = pipe_proxy(self.hub, self.client_hub, 'obj', TIMEOUT)
+        add, echo = proxy.add, proxy.echo
+        self.assertIs(proxy.add, add)
+        connection = proxy._dopy_link.connection
+        gone = weakref.ref(proxy)
+        del proxy
+        self.assertIsNone(gone())
+        self.assertEqual(add(2, 3), 5)
+        self.assertEqual(echo.future('later').result(TIMEOUT), 'later')
+        self.assertFalse(connection.closed)
+        del add, echo
+        self.assertTrue(connection.closed)
+
+    def test_a_proxy_has_no_attributes_of_its_own_to_set(self):
+        for name in ('add', 'value', '__dict__'):
+            with self.subTest(name=name), self.assertRaises(AttributeError):
+                setattr(self.p, name, 1)
+        with self.assertRaises(AttributeError):
+            self.p.__dict__
+        self.assertEqual(self.p.add(1, 2), 3)
 
     def test_data_attributes_and_properties_are_not_methods(self):
         for name in ('counter', 'prop', 'release'):

@@ -18,6 +18,12 @@ class Proxy:
     """Stands for a proxy: any object a weak reference can follow."""
 
 
+def new_proxy():
+    """A proxy, and what it calls through: here the proxy itself."""
+    proxy = Proxy()
+    return proxy, proxy
+
+
 def release_of(pairs):
     return one_frame(wire.encode(wire.RELEASE, 0, pairs))
 
@@ -69,8 +75,8 @@ class Imports(unittest.TestCase):
         self.table = ReferenceTable()
 
     def test_a_name_received_twice_is_one_proxy_released_with_both_counts(self):
-        first = self.table.imported('#1', Proxy)
-        self.assertIs(self.table.imported('#1', Proxy), first)
+        first = self.table.imported('#1', new_proxy)
+        self.assertIs(self.table.imported('#1', new_proxy), first)
         self.assertEqual(self.table.import_count(), 1)
         self.assertFalse(self.table.released)
         del first
@@ -82,10 +88,10 @@ class Imports(unittest.TestCase):
         self.assertEqual(self.table.import_count(), 0)
 
     def test_a_name_received_again_after_its_proxy_went_gets_a_new_proxy(self):
-        first = self.table.imported('#1', Proxy)
+        first = self.table.imported('#1', new_proxy)
         del first
         gc.collect()
-        second = self.table.imported('#1', Proxy)
+        second = self.table.imported('#1', new_proxy)
         frame = one_frame(self.table.release_frame())
         # The first proxy's one receipt goes back; the new one is still held.
         self.assertEqual(wire.loads(frame.data), [('#1', 1)])
@@ -97,15 +103,15 @@ class Imports(unittest.TestCase):
         thing = Thing()
         name = exporter.export(thing)
         exporter.export(thing)
-        held = importer.imported(name, Proxy)
-        importer.imported(name, Proxy)
+        held = importer.imported(name, new_proxy)
+        importer.imported(name, new_proxy)
         del held
         gc.collect()
         exporter.apply_release(one_frame(importer.release_frame()))
         self.assertEqual(exporter.export_count(), 0)
 
     def test_clear_forgets_everything(self):
-        held = self.table.imported('#1', Proxy)
+        held = self.table.imported('#1', new_proxy)
         self.table.export(Thing())
         self.table.clear()
         self.assertEqual((self.table.export_count(), self.table.import_count()), (0, 0))

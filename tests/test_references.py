@@ -45,6 +45,9 @@ class Service:
     def call_saved(self, method, *args):
         return getattr(self.saved, method)(*args)
 
+    def call_kept(self, *args):
+        return self.saved(*args)
+
     def call_saved_on(self, target, method):
         return getattr(target, method)()
 
@@ -306,6 +309,27 @@ class Lifetime(TwoHubs):
         self.p.identity(None)
         self.assertEqual(self.client_hub.stats()['exported_references'], 0)
 
+    def test_a_kept_method_of_a_callback_keeps_the_callback_until_it_goes(self):
+        recorder = Recorder()
+        self.p.save(dopy.ref(recorder))
+        self.service.saved = self.service.saved.ping
+        gc.collect()
+        self.p.identity(None)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 1)
+        self.assertEqual(self.p.call_kept('kept')[:2], ('pong', 'kept'))
+        self.service.saved = None
+        self.p.identity(None)
+        self.assertEqual(self.client_hub.stats()['exported_references'], 0)
+
+    def test_a_dropped_proxy_is_released_without_the_garbage_collector(self):
+        gc.disable()
+        self.addCleanup(gc.enable)
+        counter = self.p.counter()
+        self.assertEqual(counter.inc(), 1)
+        self.assertEqual(counter.inc(), 2)
+        del counter
+        self.assertFalse(self.p.counter_alive())
+
     def test_closing_the_connection_releases_everything(self):
         self.p.save(dopy.ref(Recorder()))
         self.assertEqual(self.client_hub.stats()['exported_references'], 1)
@@ -501,3 +525,16 @@ class ThreeHubs(unittest.TestCase):
 
 
 MODES_ALL = (dopy.THRD_CONN, dopy.THRD_FUNC, dopy.THRD_NONE)
+
+
+class UnpicklingWithoutWireState(unittest.TestCase):
+    """A pickle is unpickled in its connection's wire state only if it holds ``REBUILD_MARK``."""
+
+    def test_every_function_that_rebuilds_a_reference_holds_the_mark_in_its_name(self):
+        from dopy import proxy
+        rebuilders = [f for name, f in vars(proxy).items() if 'rebuild' in name.lower() and callable(f)]
+        self.assertGreaterEqual(len(rebuilders), 4)
+        for function in rebuilders:
+            with self.subTest(function=function.__name__):
+                self.assertIn(proxy.REBUILD_MARK, function.__name__.encode())
+                self.assertIn(proxy.REBUILD_MARK, pickle.dumps(function, 5))

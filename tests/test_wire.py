@@ -224,14 +224,23 @@ class Receiving(unittest.TestCase):
                     frame = decoder.next_frame()
         self.assertEqual(got, MESSAGES * 3)
 
-    def test_a_lone_frame_is_given_as_a_view_good_until_the_next_receive(self):
+    def test_a_lone_frame_owns_its_pickle_after_later_receives(self):
         first, second = wire.encode(wire.REPLY, 1, 'first'), wire.encode(wire.REPLY, 2, 'second')
         decoder = wire.Decoder()
         recv = self.chunks(first, second)
         frame = decoder.receive(recv)
-        self.assertIsInstance(frame.data, memoryview)
-        self.assertEqual(decoded(frame), (wire.REPLY, 1, 'first'))
+        self.assertIsInstance(frame.data, (bytes, bytearray))
         self.assertEqual(decoded(decoder.receive(recv)), (wire.REPLY, 2, 'second'))
+        self.assertEqual(decoded(frame), (wire.REPLY, 1, 'first'))
+
+    def test_every_frame_s_pickle_is_bytes_like_with_or_without_buffers(self):
+        big = b'x' * wire.OUT_OF_BAND_THRESHOLD
+        for message in ('small', wire.out_of_band(big), 'y' * (1 << 19)):
+            with self.subTest(size=len(wire.encode(wire.REPLY, 1, message))):
+                decoder = wire.Decoder()
+                decoder.feed(wire.encode(wire.REPLY, 1, message))
+                frame = decoder.next_frame()
+                self.assertIsInstance(frame.data, (bytes, bytearray))
 
     def test_frames_waiting_behind_the_first_are_copies_that_outlive_later_receives(self):
         two = wire.encode(wire.REPLY, 1, 'one') + wire.encode(wire.REPLY, 2, 'two')
