@@ -76,6 +76,8 @@ _REBUILD_MARK = proxy.REBUILD_MARK
 _wire_state = proxy.wire_state
 _pickle_loads = pickle.loads
 _serials = itertools.count(1)
+# The key of a connection's reading role (see ``Connection._role``).
+_READER = 'reader'
 # Method names a connection remembers as checked (see _serve_owned).
 _MAX_CHECKED = 1024
 
@@ -132,25 +134,30 @@ class Connection:
         self._send_lock = threading.RLock()
         # One lock, two names: ``_lock`` where nobody waits or is woken (the
         # C-level lock is much cheaper than the Condition), ``_cond`` where
-        # threads wait, counted in ``_sleepers`` so that nobody is woken in
-        # vain.  ``_cond`` is made by the first thread to wait: most
-        # connections never have one.
+        # threads wait.  ``_sleepers`` counts the threads that may wait, so
+        # that nobody is woken in vain: a thread counts itself, under the
+        # lock, before it first looks at the reading role, and a thread that
+        # gives the role up looks at the count after it has.  ``_cond`` is
+        # made by the first thread to wait: most connections never have one.
         self._lock = threading.Lock()
         self._cond = None
         self._sleepers = 0
         self._calls = CallTable()
         self._next_id = self._calls.next_id
-        self._reader = None
+        # The reading role: {_READER: the ident of the thread that reads}, or
+        # empty while nobody does.  Taken with ``setdefault`` and given up
+        # with ``del`` by its holder, each one step under the GIL: the
+        # common call takes and gives it without the lock.
+        self._role = {}
         self._reader_thread = None
         # True while a caller whose reply nobody else reads may read it
         # itself: the connection is open, threaded, with no reader thread.
         self._direct = self._threaded
         self._serving = False
-        # THRD_CONN: the thread that serves this connection (``serve``), and
-        # whether it is running a call rather than reading; calls that
-        # another thread reads meanwhile wait in the mailbox for it.
+        # THRD_CONN: the thread that serves this connection (``serve``).  It
+        # holds the role but while it runs a call; calls that another thread
+        # reads meanwhile wait in the mailbox for it.
         self._owner = None
-        self._owner_running = False
         self._mailbox = deque()
         # The connection the owner sleeps on, waiting for a reply, if any.
         self._owner_waits_on = None
@@ -199,18 +206,15 @@ class Connection:
         ``CommunicationError``.  The call is sent at most once.
         """
         deadline = None if timeout is None else _monotonic() + timeout
-        lock = self._lock
-        lock.acquire()
-        if self._reader is not None or not self._direct:
-            lock.release()
+        role = self._role
+        me = get_ident()
+        if not self._direct or _READER in role or role.setdefault(_READER, me) != me:
             waiter = Waiter(name, method)
             request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
             return self._await(waiter, request_id, deadline, timeout)
-        # No thread reads: this one takes the role, and reads its own reply.
-        # Every call's path when one thread at a time calls, kept short: no
-        # waiter to register, no other thread to wake.
-        self._reader = get_ident()
-        lock.release()
+        # No thread read: this one has taken the role, and reads its own
+        # reply.  Every call's path when one thread at a time calls, kept
+        # short: no lock, no waiter to register, no other thread to wake.
         waiter = None
         try:
             request_id = self._send_call(wire.CALL, None, args, kwargs, deadline, name, method)
@@ -368,11 +372,17 @@ class Connection:
         method, and no call leaves its thread.
         """
         me = get_ident()
+        role = self._role
         with self._lock:
-            while self._reader is not None and not self.closed:
-                self._sleep(None)
-            self._reader = me
             self._serving = True
+            self._sleepers += 1
+            try:
+                while role.setdefault(_READER, me) != me:
+                    if self.closed:
+                        return
+                    self._sleep(None)
+            finally:
+                self._sleepers -= 1
             owning = self._threaded and not self._pooled
             if owning:
                 self._owner = me
@@ -392,7 +402,7 @@ class Connection:
                     _owners[me] = saved
                 self._close_wake_pipe()
                 # Whether this thread still reads, once the loop has ended.
-                reading = self._reader == me
+                reading = role.get(_READER) == me
         except Exception as exc:
             self._ended(exc)
         finally:
@@ -408,7 +418,8 @@ class Connection:
         the object still published under that name) skip dispatch's checks.
         Anything else takes dispatch's path, which says why it fails.
         """
-        lock = self._lock
+        role = self._role
+        mailbox = self._mailbox
         receive = self._decoder.receive
         recv = self._recv_wait
         read_frame = self._read_frame
@@ -440,7 +451,7 @@ class Connection:
                     handle(frame)
                     continue
                 call = dispatch.prepare(lookup, frame, self._loads)
-                self._owner_running = True
+                self._step_aside()
                 self._run(frame, call)
             else:
                 try:
@@ -463,11 +474,15 @@ class Connection:
                     call = (message if type(message) is dispatch.Call
                             else self._prepare_checked(message, checked))
                     message = None
-                    self._owner_running = True
+                    self._step_aside()
                     self._run(frame, call)
                 else:
                     message = None
-                    self._owner_running = True
+                    # Given up while the method runs: a thread that waits
+                    # for a reply here may read it meanwhile.
+                    del role[_READER]
+                    if self._sleepers:
+                        self._wake()
                     try:
                         value = method(*args, **kwargs)
                     except BaseException as exc:
@@ -488,12 +503,8 @@ class Connection:
                         else:
                             self._reply(frame, dispatch.Outcome((name, method_name), True, value))
                             value = None
-            lock.acquire()
-            self._owner_running = False
-            if self._reader == me and not self._mailbox:
-                lock.release()
+            if role.setdefault(_READER, me) == me and not mailbox:
                 continue
-            lock.release()
             self._take_back_reading()
 
     def _prepare_checked(self, message, checked):
@@ -514,23 +525,37 @@ class Connection:
         Returns True holding the role; raises the connection's error once it is closed.
         """
         me = get_ident()
+        role = self._role
         lock = self._lock
         while True:
             lock.acquire()
+            self._sleepers += 1
             try:
                 if not self._mailbox:
                     if self.closed:
                         raise _fresh(self._error)
-                    if self._reader is None or self._reader == me:
-                        self._reader = me
-                        self._owner_running = False
+                    if role.setdefault(_READER, me) == me:
                         return True
                     self._sleep(None)
                     continue
-                self._owner_running = True
             finally:
+                self._sleepers -= 1
                 lock.release()
+            if role.get(_READER) == me:
+                self._step_aside()
             self._run_posted()
+
+    def _step_aside(self):
+        """The owner, about to run a call, gives up the reading role: a thread that waits for a reply here may read it meanwhile."""
+        del self._role[_READER]
+        if self._sleepers:
+            self._wake()
+
+    def _wake(self):
+        """Wake the threads that wait on this connection: one of them may take the reading role."""
+        with self._lock:
+            if self._sleepers:
+                self._cond.notify_all()
 
     def _post(self, frame):
         """A call read by a thread that is not its connection's owner: leave it in the owner's mailbox, and wake the owner."""
@@ -757,24 +782,21 @@ class Connection:
         # The connection whose calls this thread runs, if any: its calls read
         # by another thread are run here while this thread waits.
         owned = _owners.get(me)
+        role = self._role
         lock = self._lock
         lock.acquire()
+        self._sleepers += 1
         try:
             while not waiter.done:
-                reader = self._reader
+                reader = role.get(_READER)
                 if reader == me:
                     nested = True
                     break
                 # A connection's reader thread, once it has one, does all
                 # the reading, and so does a server connection's owner,
-                # but for while they run a call.
-                if reader is None:
-                    if self._reader_thread is None or self._owner_running:
-                        self._reader = me
-                        nested = False
-                        break
-                elif reader == self._owner and self._owner_running:
-                    self._reader = me
+                # but for while they run a call (then the role is free).
+                if (reader is None and (self._reader_thread is None or self._owner is not None)
+                        and role.setdefault(_READER, me) == me):
                     nested = False
                     break
                 if owned is not None and owned._mailbox:
@@ -793,12 +815,8 @@ class Connection:
                         owned._owner_waits_on = None
             else:
                 return
-            if nested and self._owner == me:
-                # The owner reads its own connection from inside a call: nobody may take the role from it now.
-                was_running, self._owner_running = self._owner_running, False
-            else:
-                was_running = None
         finally:
+            self._sleepers -= 1
             lock.release()
         try:
             read_frame, handle = self._read_frame, self._handle
@@ -809,8 +827,6 @@ class Connection:
         except CommunicationError:
             pass  # _shutdown has already failed every waiter, this one included
         finally:
-            if was_running is not None:
-                self._owner_running = was_running
             if not nested:
                 self._give_up_reading()
 
@@ -823,12 +839,9 @@ class Connection:
 
     def _give_up_reading(self):
         """This thread stops reading: wake the waiting threads, one of which will read next."""
-        lock = self._lock
-        lock.acquire()
-        self._reader = None
+        del self._role[_READER]
         if self._sleepers:
-            self._cond.notify_all()
-        lock.release()
+            self._wake()
         if self.closed:
             self._close_socket()
 
@@ -1135,7 +1148,7 @@ class Connection:
                     waiter.error, waiter.done = _fresh(error), True
             if self._sleepers:
                 self._cond.notify_all()
-            reading = self._reader is not None
+            reading = _READER in self._role
         for waiter in waiters:
             if isinstance(waiter, Future):
                 waiter.resolve(None, _fresh(error))
@@ -1152,15 +1165,11 @@ class Connection:
             self._close_socket()
 
     def _sleep(self, deadline):
-        """Wait on ``_cond`` (its lock held) until woken, or ``CallTimeoutError`` at ``deadline``."""
+        """Wait on ``_cond`` (its lock held, the caller counted in ``_sleepers``) until woken, or ``CallTimeoutError`` at ``deadline``."""
         remaining = _remaining(deadline)
         if self._cond is None:
             self._cond = threading.Condition(self._lock)
-        self._sleepers += 1
-        try:
-            self._cond.wait(remaining)
-        finally:
-            self._sleepers -= 1
+        self._cond.wait(remaining)
 
     def _close_socket(self):
         with self._send_lock:

@@ -304,6 +304,21 @@ class Decoder:
         if self._ready:
             return self._ready.popleft()
         end = self._end
+        if not end and self._large is None:
+            # Nothing held back, the usual case: what comes starts the buffer.
+            staging = self._staging
+            received = recv(staging)
+            if not received:
+                raise EOFError('end of stream')
+            if received > _HEADER_SIZE:
+                prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(staging)
+                if (length == received - _HEADER_SIZE and not nbuf and prefix == _PREFIX
+                        and kind in KINDS and length <= self.max_size):
+                    # One whole frame and nothing more.
+                    return _new_frame(Frame, (kind, request_id, staging[_HEADER_SIZE:received], ()))
+            self._end = received
+            self._parse()
+            return self.next_frame()
         if self._large is not None or end == self._size:
             received = recv(self.get_buffer())
             if not received:
