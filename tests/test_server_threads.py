@@ -217,6 +217,18 @@ class Recorder:
         return ('pong', value)
 
 
+class LateRecorder:
+    """A callback that answers only once ``ready`` is set."""
+
+    def __init__(self, ready):
+        self.ready = ready
+
+    def ping(self, value):
+        if not self.ready.wait(TIMEOUT):
+            raise TimeoutError('never ready')
+        return ('pong', value)
+
+
 def call_in_thread(function, *args):
     """``function(*args)`` in another thread, as a server's own thread would call; its result, bounded."""
     outcome = []
@@ -256,6 +268,23 @@ class CallbacksBesideASlowMethod(HubCase):
         else:
             slow.result(TIMEOUT)
             behind.result(TIMEOUT)
+
+    def test_a_callback_waiting_before_the_connections_method_began_is_answered_while_it_runs(self):
+        notifier = Notifier()
+        p = self.serve(notifier)
+        # Answered once the slow method has begun: the server's thread that
+        # calls it back waits for the reply from before then.
+        p.save(dopy.ref(LateRecorder(notifier.entered)))
+        p.thread()
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(notifier.callback.ping('early')))
+        caller.start()
+        slow = p.slow.future()
+        caller.join(TIMEOUT)
+        self.assertEqual(answers, [('pong', 'early')])
+        self.assertFalse(slow.done())
+        notifier.release.set()
+        slow.result(TIMEOUT)
 
     def test_calls_read_by_another_thread_run_in_order_on_the_connections_thread(self):
         notifier, p, own_thread, slow = self.slow_method_running()
