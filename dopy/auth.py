@@ -90,7 +90,7 @@ import time
 from collections.abc import Mapping
 
 from . import wire
-from .connection import translate_os_error, wait_ready
+from .channel import translate_os_error, wait_ready
 from .hub import check_authkey
 from .errors import AuthenticationError, CallTimeoutError, ConnectionLostError, ProtocolError
 

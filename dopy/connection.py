@@ -37,17 +37,16 @@ The connection also keeps the references that travel over it, in a
 ``dopy.references.ReferenceTable``: a RELEASE frame it has due goes out
 ahead of the next frame it sends.  Nothing outlives the connection.
 
-This is the only module that translates ``OSError`` into DOPY's errors.
+Its frames go out and come in through a ``dopy.channel.Channel``, the one
+place where an ``OSError`` becomes one of DOPY's errors; the connection
+decides what each error means for it (closing, mostly).
 """
 
-import functools
 import itertools
 import logging
-import math
 import os
 import pickle
 import select
-import socket
 import threading
 import time
 from collections import deque
@@ -57,6 +56,7 @@ from time import monotonic as _monotonic
 
 from . import dispatch, proxy, wire
 from .calls import CallTable, Waiter, reply_outcome, unpickling_failed
+from .channel import Channel, wait_ready
 from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, ProtocolError,
@@ -64,12 +64,10 @@ from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError
 from .hub import THRD_FUNC
 from .references import ReferenceTable
 
-__all__ = ['Connection', 'translate_os_error', 'wait_ready']
+__all__ = ['Connection']
 
 log = logging.getLogger('dopy.connection')
 
-# sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
-_MAX_SEGMENTS = 512
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _REBUILD_MARK = proxy.REBUILD_MARK
@@ -88,31 +86,6 @@ _MAX_CHECKED = 1024
 _owners = {}
 
 
-def translate_os_error(exc, what, hint=''):
-    """The DOPY error for an ``OSError`` met while doing ``what``, chained to it; ``hint`` ends its message."""
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        error = CallTimeoutError(f'{what}: timed out{hint}')
-    elif isinstance(exc, socket.gaierror):
-        error = CommunicationError(f'{what}: {exc.strerror or exc}{hint}')
-    elif isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        error = ConnectionLostError(f'{what}: {exc.strerror or exc}{hint}')
-    else:
-        error = CommunicationError(f'{what}: {exc.strerror or exc}{hint}')
-    error.__cause__ = exc
-    return error
-
-
-def wait_ready(poller, deadline, what):
-    """``poller.poll()`` until something is ready, or ``CallTimeoutError`` at ``deadline`` (None: no limit)."""
-    if deadline is None:
-        poller.poll()
-        return
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or (not poller.poll(math.ceil(remaining * 1000))
-                          and time.monotonic() >= deadline):
-        raise CallTimeoutError(f'{what}: timed out')
-
-
 class Connection:
     """One end of a link to a peer, over a stream (see ``dopy.streams``).
 
@@ -127,10 +100,12 @@ class Connection:
         self.hub = hub
         self._serial = next(_serials)
         self._stream = stream
-        self._stream_send = stream.send
         self._threaded = hub.threaded
         self._pooled = hub.threadMode == THRD_FUNC
-        self._decoder = wire.Decoder(hub.max_message_size)
+        self._channel = Channel(stream, hub.max_message_size, peer,
+                                None if hub.threaded else self._pump_until_writable)
+        self._channel_send = self._channel.send
+        self._decoder = self._channel.decoder
         self._send_lock = threading.RLock()
         # One lock, two names: ``_lock`` where nobody waits or is woken (the
         # C-level lock is much cheaper than the Condition), ``_cond`` where
@@ -179,21 +154,6 @@ class Connection:
             hub.loop.add_reader(stream.read_fd, self._on_readable)
             if stream.pending():
                 hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
-
-    # Made on first use: a connection that never has to wait for its socket has none.
-    @functools.cached_property
-    def _read_poll(self):
-        poller = select.poll()
-        poller.register(self._stream.read_fd, select.POLLIN)
-        if self._stream.wake_fd is not None:
-            poller.register(self._stream.wake_fd, select.POLLIN)
-        return poller
-
-    @functools.cached_property
-    def _write_poll(self):
-        poller = select.poll()
-        poller.register(self._stream.write_fd, select.POLLOUT)
-        return poller
 
     def __repr__(self):
         state = 'closed' if self.closed else f'{len(self._calls)} calls in flight'
@@ -588,10 +548,10 @@ class Connection:
             if not self._stream.peer_closed():
                 return True
         except OSError as exc:
-            self._lost(exc)
+            self._lost(self._channel.lost(exc))
             return False
         if self._reader_thread is None:
-            self._lost(None)
+            self._lost(self._channel.ended())
         # Else the reader thread serves what came before the hang-up, then closes.
         return False
 
@@ -967,8 +927,7 @@ class Connection:
                             continue
                 else:
                     receive = self._stream.recv_into
-                    if not self._stream.pending():
-                        self._wait(self._read_poll, deadline)
+                    self._channel.wait_readable(deadline)
                 try:
                     frame = self._receive(receive)
                 except BlockingIOError:
@@ -1010,27 +969,28 @@ class Connection:
     def _receive(self, receive):
         """``decoder.receive(receive)``: the next whole frame or None, with errors translated (BlockingIOError passes)."""
         try:
-            return self._decoder.receive(receive)
+            return self._channel.receive(receive)
         except BlockingIOError:
             raise
         except Exception as exc:
             raise self._receive_failed(exc)
 
     def _receive_failed(self, exc):
-        """What a read that raised ``exc`` raises: the connection is shut if it cannot go on."""
-        if isinstance(exc, EOFError):
-            error = self._lost(None)
-            error.__suppress_context__ = True
-            return error
-        if isinstance(exc, ProtocolError):
-            self._refuse(exc)
-        elif isinstance(exc, CommunicationError):
+        """What a read that raised ``exc`` raises: translated by the channel, and the connection shut if it cannot go on.
+
+        The readers on every call's path read the decoder themselves, a
+        Python frame fewer than the channel's ``receive``, and come here.
+        """
+        error = self._channel.read_error(exc)
+        if isinstance(error, ProtocolError):
+            self._refuse(error)
+        elif isinstance(error, ConnectionLostError):
+            return self._lost(error)
+        elif isinstance(error, CommunicationError):
             # The greeting of a server that frames were sent to early
             # (streams.EarlyStream) refused them: every call hears why.
-            self._shutdown(exc)
-        elif isinstance(exc, OSError):
-            return self._lost(exc)
-        return exc
+            self._shutdown(error)
+        return error
 
     def _send_frame(self, data, deadline):
         """Send one frame that refers to no object, in one ``bytes``, after the RELEASE due; the caller holds the send lock.
@@ -1044,12 +1004,7 @@ class Connection:
         if self.closed:
             raise _fresh(self._error)
         try:
-            try:
-                sent = self._stream_send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent != len(data):
-                self._send_rest(data, sent, deadline)
+            self._channel_send(data, deadline)
         except BaseException as exc:
             raise self._send_failed(exc)
 
@@ -1061,15 +1016,9 @@ class Connection:
             segments = [release, *segments]
         try:
             if len(segments) == 1:
-                data = segments[0]
-                try:
-                    sent = self._stream_send(data)
-                except BlockingIOError:
-                    sent = 0
-                if sent != len(data):
-                    self._send_rest(data, sent, deadline)
+                self._channel_send(segments[0], deadline)
             else:
-                self._send_segments(segments, deadline)
+                self._channel.send_segments(segments, deadline)
         except BaseException as exc:
             raise self._send_failed(exc)
 
@@ -1079,59 +1028,25 @@ class Connection:
             self._shutdown(ConnectionLostError(
                 f'connection with {self.peer} closed: a send timed out part-way through a frame'))
             return exc
-        if isinstance(exc, OSError):
+        if isinstance(exc, ConnectionLostError):
             return self._lost(exc)
+        if isinstance(exc, CommunicationError):
+            self._shutdown(exc)
+            return exc
         # Interrupted (Ctrl-C, say) at a point that cannot be known: part
         # of a frame may have gone, and nothing can follow it.
         self._shutdown(ConnectionLostError(
             f'connection with {self.peer} closed: a send was interrupted, perhaps part-way through a frame'))
         return exc
 
-    def _send_rest(self, data, sent, deadline):
-        stream = self._stream
-        view = memoryview(data)
-        while sent < len(view):
-            self._wait_writable(deadline)
-            try:
-                sent += stream.send(view[sent:])
-            except BlockingIOError:
-                pass
+    def _pump_until_writable(self, deadline):
+        """THRD_NONE: wait for the peer to read, the loop serving everyone else meanwhile."""
+        self.hub.loop.pump_until(lambda: self.closed, deadline, self._stream.write_fd)
 
-    def _send_segments(self, segments, deadline):
-        views = [v for v in (memoryview(s).cast('B') for s in segments) if len(v)]
-        first = 0
-        while first < len(views):
-            try:
-                sent = self._stream.sendmsg(views[first:first + _MAX_SEGMENTS])
-            except BlockingIOError:
-                self._wait_writable(deadline)
-                continue
-            while sent:
-                if sent >= len(views[first]):
-                    sent -= len(views[first])
-                    first += 1
-                else:
-                    views[first] = views[first][sent:]
-                    sent = 0
-
-    def _wait_writable(self, deadline):
-        if self._threaded:
-            self._wait(self._write_poll, deadline)
-        else:
-            # The loop goes on serving everyone else while this peer is slow to read.
-            self.hub.loop.pump_until(lambda: self.closed, deadline, self._stream.write_fd)
-
-    def _wait(self, poller, deadline):
-        wait_ready(poller, deadline, f'waiting for {self.peer}')
-
-    def _lost(self, cause):
+    def _lost(self, error):
+        """The connection is lost, as ``error`` (a ``ConnectionLostError``) says: what to raise, the connection shut."""
         if self.closed:
             return _fresh(self._error)
-        if cause is None:
-            error = ConnectionLostError(f'{self.peer} closed the connection')
-        else:
-            error = ConnectionLostError(f'connection with {self.peer} lost: {cause.strerror or cause}')
-            error.__cause__ = cause
         self._shutdown(error)
         return error
 

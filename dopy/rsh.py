@@ -22,7 +22,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from .connection import Connection, translate_os_error
+from .channel import translate_os_error
+from .connection import Connection
 from .errors import ConnectionClosedError
 from .hub import getHub, register_scheme
 from .proxy import RemoteObject

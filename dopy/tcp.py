@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING
 from .auth import (DEFAULT_HANDSHAKE_TIMEOUT, OPEN_GREETING, ClientHandshake, ServerHandshake,
                    check_authkey, client_handshake, is_loopback, log_failure, server_handshake,
                    wait_for_socket)
-from .connection import Connection, translate_os_error
+from .channel import translate_os_error
+from .connection import Connection
 from .errors import (AuthenticationError, CallTimeoutError, CommunicationError,
                      ConnectionClosedError, DopyError)
 from .hub import DEFAULT_SHUTDOWN_TIMEOUT, getHub, register_scheme
