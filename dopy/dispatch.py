@@ -108,17 +108,17 @@ class Call:
         return _invoke(self.label, self.method, self.args, self.kwargs)
 
 
-def prepare(lookup, frame, loads=wire.loads):
+def prepare(lookup, frame, loads=wire.load_frame):
     """Unpickle the CALL or ONEWAY ``frame`` and find its method; never raises for the caller's mistakes.
 
     ``lookup(name)`` returns ``(object, exposed)`` (``exposed`` is None or
     the set of callable names) or raises ``NoSuchObjectError``;
-    ``loads`` is the connection's unpickling function.  Preparing is apart
+    ``loads(frame)`` is the connection's unpickling of a frame.  Preparing is apart
     from running so that the connection can unpickle every frame in the
     order it came, and run the call on another thread.
     """
     try:
-        message = loads(frame.data, frame.buffers)
+        message = loads(frame)
     except Exception as exc:
         return unpicklable(exc)
     return prepare_message(lookup, message)
@@ -168,20 +168,23 @@ def failed(label, exc):
     return _new(Outcome, (label, False, exc, exc.__traceback__.tb_next))
 
 
-def reply_segments(request_id, outcome):
-    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR."""
+def reply_segments(request_id, outcome, references=False):
+    """The REPLY or ERROR frame for ``outcome``; a result that does not pickle becomes an ERROR.
+
+    ``references``: pickled in a connection's context (see ``wire.frame_segments``).
+    """
     if not outcome.ok:
-        return error_reply(request_id, outcome.value, outcome.tb)
+        return error_reply(request_id, outcome.value, outcome.tb, references)
     value = outcome.value
     if type(value) in wire.OUT_OF_BAND_TYPES:
         value = wire.out_of_band(value)
     try:
-        return wire.message_segments(wire.REPLY, request_id, value)
+        return wire.message_segments(wire.REPLY, request_id, value, references=references)
     except Exception as exc:
         error = SerializationError(
             f'the result of {".".join(outcome.label)}() could not be pickled on the server: '
             f'{type(exc).__name__}: {exc}')
-        return error_reply(request_id, error, None)
+        return error_reply(request_id, error, None, references)
 
 
 def log_oneway(request_id, outcome):
@@ -191,9 +194,9 @@ def log_oneway(request_id, outcome):
                     remote_exc.pack(outcome.value, outcome.tb)[4].rstrip())
 
 
-def error_reply(request_id, exc, tb):
+def error_reply(request_id, exc, tb, references=False):
     """The segments of an ERROR frame carrying ``exc`` and the frames of ``tb``."""
-    return wire.message_segments(wire.ERROR, request_id, remote_exc.pack(exc, tb))
+    return wire.message_segments(wire.ERROR, request_id, remote_exc.pack(exc, tb), references=references)
 
 
 def _find(lookup, frame, loads):
@@ -202,7 +205,7 @@ def _find(lookup, frame, loads):
     The label, ``(object name, method name)``, is joined only for a message.
     """
     try:
-        message = loads(frame.data, frame.buffers)
+        message = loads(frame)
     except Exception as exc:
         raise _unpickling_error(exc) from exc
     return _find_in(lookup, message)

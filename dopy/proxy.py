@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from .connection import Connection
 
-__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'REBUILD_MARK', 'attach',
+__all__ = ['RemoteObject', 'Ref', 'ref', 'close', 'wire_state', 'attach',
            'rebuild_here', 'rebuild_yours', 'rebuild_address']
 
 class _WireState(threading.local):
@@ -64,12 +64,6 @@ wire_state = _WireState()
 
 def _current_connection():
     return wire_state.connection
-
-
-# Every function that unpickling calls to rebuild a reference (``rebuild_*``,
-# ``_rebuild``) has this in its name, which a pickle holds as it is: a
-# pickle without it rebuilds none, and is unpickled without ``wire_state``.
-REBUILD_MARK = b'rebuild'
 
 
 class Ref:

@@ -95,7 +95,7 @@ class ReferenceTable:
 
     def apply_release(self, frame):
         """A RELEASE frame from the peer: drop what it no longer holds; ``ValueError`` if the frame is not one."""
-        releases = wire.loads(frame.data, frame.buffers)
+        releases = wire.load_frame(frame)
         if type(releases) is not list or not all(
                 type(item) is tuple and len(item) == 2 and type(item[0]) is str
                 and type(item[1]) is int and item[1] > 0 for item in releases):

@@ -9,11 +9,17 @@ offset  size  field
 0       4     magic, the bytes ``DOPY``
 4       1     version, currently 1
 5       1     kind: 1 CALL, 2 REPLY, 3 ERROR, 4 ONEWAY, 5 RELEASE
-6       2     number of out-of-band buffers, *n*
+6       2     flags and buffers: the top bit is *references*; the other
+              15 bits are the number of out-of-band buffers, *n*
 8       8     request id: chosen by the caller, echoed by the reply
 16      8     payload length: the bytes that follow the header
 24      ...   payload
 ======  ====  ==========================================================
+
+*references* says that the pickle may hold references to objects, which
+unpickling rebuilds in the receiving connection's context (see
+``dopy.proxy``): the sender pickled it in its own.  A pickle without it
+holds plain values only, and is unpickled as it is.
 
 The payload is *n* 8-byte buffer lengths, then a pickle (protocol 5), then
 the *n* buffers, back to back.  Large buffers (``pickle.PickleBuffer``)
@@ -47,7 +53,8 @@ from .errors import MessageTooLargeError, ProtocolError
 
 __all__ = [
     'MAGIC', 'VERSION', 'HEADER', 'CALL', 'REPLY', 'ERROR', 'ONEWAY', 'RELEASE', 'KINDS',
-    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'out_of_band', 'OUT_OF_BAND_TYPES',
+    'DEFAULT_MAX_MESSAGE_SIZE', 'Frame', 'Decoder', 'dumps', 'loads', 'load_frame', 'out_of_band',
+    'OUT_OF_BAND_TYPES',
     'PLAIN_TYPES',
     'frame_segments', 'message_segments', 'plain_frame', 'encode',
 ]
@@ -76,7 +83,12 @@ _PREFIX = MAGIC + bytes((VERSION,))
 # server allocate a gigabyte per connection; Hub(max_message_size=) changes it.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
 _MAX_REQUEST_ID = (1 << 64) - 1
-_MAX_BUFFERS = (1 << 16) - 1
+# The header's buffer count and its references flag share two bytes.
+_BUFFER_COUNT = (1 << 15) - 1
+_MAX_BUFFERS = _BUFFER_COUNT
+_REFERENCES = 1 << 15
+# The flags-and-buffers field of a frame with no buffers -> its references flag.
+_NO_BUFFERS = {0: False, _REFERENCES: True}
 
 # Buffers smaller than this stay inside the pickle: a separate segment
 # costs more than the copy it saves.
@@ -91,8 +103,9 @@ _STAGING_START = 16 * 1024
 _STAGING_MAX = 256 * 1024
 
 
-class Frame(namedtuple('Frame', ('kind', 'request_id', 'data', 'buffers'), defaults=((),))):
-    """One decoded frame: its kind, request id, pickle and buffers.
+class Frame(namedtuple('Frame', ('kind', 'request_id', 'data', 'buffers', 'references'),
+                       defaults=((), False))):
+    """One decoded frame: its kind, request id, pickle, buffers, and whether the pickle may hold references.
 
     The pickle (``data``) is a ``bytes`` or ``bytearray`` of its own, never
     a view of a buffer that is used again; ``buffers`` are memoryviews.
@@ -102,7 +115,8 @@ class Frame(namedtuple('Frame', ('kind', 'request_id', 'data', 'buffers'), defau
 
     def __repr__(self):
         return (f'Frame(kind={self.kind}, request_id={self.request_id}, '
-                f'{len(self.data)} bytes, {len(self.buffers)} buffers)')
+                f'{len(self.data)} bytes, {len(self.buffers)} buffers'
+                f'{", references" if self.references else ""})')
 
 
 # Every frame is made by this: a tuple's own constructor, with no Python
@@ -183,35 +197,42 @@ def loads(data, buffers=()):
     return pickle.loads(data, buffers=buffers) if buffers else pickle.loads(data)
 
 
-def frame_segments(kind, request_id, data, buffers=()):
+def load_frame(frame):
+    """Unpickle ``frame``'s pickle, out of any connection's context (a frame with references fails if it holds one)."""
+    return loads(frame.data, frame.buffers)
+
+
+def frame_segments(kind, request_id, data, buffers=(), references=False):
     """The frame as a list of bytes-like segments, ready for ``sendmsg``.
 
     With no buffers the list has one element, so a small message leaves in
-    one ``send``.
+    one ``send``.  ``references`` sets the header's flag: the pickle was
+    made in a connection's context, and may hold references.
     """
     if kind not in KINDS:
         raise ValueError(f'unknown frame kind {kind!r}')
     if not 0 <= request_id <= _MAX_REQUEST_ID:
         raise ValueError(f'request id {request_id!r} out of range')
+    flags = _REFERENCES if references else 0
     if not buffers:
-        return [HEADER.pack(MAGIC, VERSION, kind, 0, request_id, len(data)) + data]
+        return [HEADER.pack(MAGIC, VERSION, kind, flags, request_id, len(data)) + data]
     if len(buffers) > _MAX_BUFFERS:
         raise ValueError(f'{len(buffers)} out-of-band buffers is too many')
     raws = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast('B')
             for b in buffers]
     table = b''.join(_LENGTH.pack(r.nbytes) for r in raws)
     length = len(table) + len(data) + sum(r.nbytes for r in raws)
-    head = HEADER.pack(MAGIC, VERSION, kind, len(raws), request_id, length)
+    head = HEADER.pack(MAGIC, VERSION, kind, len(raws) | flags, request_id, length)
     return [head + table + data, *raws]
 
 
-def message_segments(kind, request_id, obj, plain=False):
+def message_segments(kind, request_id, obj, plain=False, references=False):
     """Pickle ``obj`` and frame it: the segments, as ``frame_segments`` gives them.
 
-    Raises whatever pickling raises.  Every message's path: a small
-    message is pickled and framed here in one step.  ``plain`` says that
-    the caller has found nothing in ``obj`` that could go out of band (a
-    value of ``PLAIN_TYPES`` is found so here).
+    Raises whatever pickling raises.  ``plain`` says that the caller has
+    found nothing in ``obj`` that could go out of band (a value of
+    ``PLAIN_TYPES`` is found so here); ``references``, that it pickles in a
+    connection's context (see ``frame_segments``).
     """
     if plain or type(obj) in PLAIN_TYPES:
         # No buffer callback: a third of the cost of a small pickle.
@@ -220,13 +241,13 @@ def message_segments(kind, request_id, obj, plain=False):
     else:
         buffers = _Buffers()
         data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.keep_large)
-    if buffers or kind not in KINDS or not 0 <= request_id <= _MAX_REQUEST_ID:
-        return frame_segments(kind, request_id, data, buffers)
+    if buffers or references or kind not in KINDS or not 0 <= request_id <= _MAX_REQUEST_ID:
+        return frame_segments(kind, request_id, data, buffers, references)
     return [_PLAIN_HEADER_PACK(_PREFIX, kind, 0, request_id, len(data)) + data]
 
 
 def plain_frame(kind, request_id, obj):
-    """Pickle ``obj``, which holds no buffer that could go out of band, and frame it: the frame as one ``bytes``.
+    """Pickle ``obj``, which holds no buffer that could go out of band and no reference, and frame it: the frame as one ``bytes``.
 
     Every small message's path.  ``kind`` must be one of ``KINDS``; a
     request id out of range raises ``struct.error``.
@@ -235,9 +256,9 @@ def plain_frame(kind, request_id, obj):
     return _PLAIN_HEADER_PACK(_PREFIX, kind, 0, request_id, len(data)) + data
 
 
-def encode(kind, request_id, obj):
+def encode(kind, request_id, obj, references=False):
     """Pickle ``obj`` and frame it: the whole frame as one ``bytes``."""
-    return b''.join(message_segments(kind, request_id, obj))
+    return b''.join(message_segments(kind, request_id, obj, references=references))
 
 
 class Decoder:
@@ -312,10 +333,12 @@ class Decoder:
                 raise EOFError('end of stream')
             if received > _HEADER_SIZE:
                 prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(staging)
-                if (length == received - _HEADER_SIZE and not nbuf and prefix == _PREFIX
+                references = _NO_BUFFERS.get(nbuf)
+                if (length == received - _HEADER_SIZE and references is not None and prefix == _PREFIX
                         and kind in KINDS and length <= self.max_size):
                     # One whole frame and nothing more.
-                    return _new_frame(Frame, (kind, request_id, staging[_HEADER_SIZE:received], ()))
+                    return _new_frame(Frame, (kind, request_id, staging[_HEADER_SIZE:received], (),
+                                              references))
             self._end = received
             self._parse()
             return self.next_frame()
@@ -335,11 +358,12 @@ class Decoder:
         if end - start > _HEADER_SIZE:
             prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(view, start)
             body = start + _HEADER_SIZE
-            if (body + length == end and not nbuf and prefix == _PREFIX and kind in KINDS
+            references = _NO_BUFFERS.get(nbuf)
+            if (body + length == end and references is not None and prefix == _PREFIX and kind in KINDS
                     and length <= self.max_size):
-                # One whole frame and nothing more, the usual case.
+                # One whole frame and nothing more.
                 self._start = self._end = 0
-                return _new_frame(Frame, (kind, request_id, self._staging[body:end], ()))
+                return _new_frame(Frame, (kind, request_id, self._staging[body:end], (), references))
         self._parse()
         return self.next_frame()
 
@@ -380,20 +404,19 @@ class Decoder:
         # valid header folded into one test.
         view, start, end, ready = self._view, self._start, self._end, self._ready
         while end - start >= _HEADER_SIZE:
-            prefix, kind, nbuf, request_id, length = _PARSED_HEADER.unpack_from(view, start)
+            prefix, kind, flags, request_id, length = _PARSED_HEADER.unpack_from(view, start)
+            nbuf = flags & _BUFFER_COUNT
             if (prefix != _PREFIX or kind not in KINDS or length > self.max_size
                     or length < nbuf * _LENGTH_SIZE):
                 _check_header(view, start, self.max_size)
+            header = (kind, nbuf, request_id, length, flags >= _REFERENCES)
             body = start + _HEADER_SIZE
             stop = body + length
             if stop > end:
                 self._start = start
-                self._await_body(kind, nbuf, request_id, length)
+                self._await_body(header)
                 return
-            if nbuf:
-                ready.append(_make_frame((kind, nbuf, request_id, length), bytes(view[body:stop])))
-            else:
-                ready.append(_new_frame(Frame, (kind, request_id, bytes(view[body:stop]), ())))
+            ready.append(_make_frame(header, bytes(view[body:stop])))
             start = stop
         if start == end:
             self._start = self._end = 0
@@ -405,13 +428,13 @@ class Decoder:
             raise ProtocolError(f'bad magic {bytes(view[start:start + seen])!r}: '
                                 'the peer does not speak DOPY')
 
-    def _await_body(self, kind, nbuf, request_id, length):
-        """The frame at ``_start`` is not all here: make room for the rest of it."""
-        needed = HEADER.size + length
+    def _await_body(self, header):
+        """The frame at ``_start``, whose header fields are ``header``, is not all here: make room for the rest of it."""
+        needed = HEADER.size + header[3]
         if needed > _STAGING_MAX:
             body = self._view[self._start + HEADER.size:self._end]
             self._start = self._end = 0
-            self._large = _LargeFrame((kind, nbuf, request_id, length))
+            self._large = _LargeFrame(header)
             # The start of the body came with the header: into its parts it goes.
             self.feed(body)
         elif needed > self._size:
@@ -432,7 +455,7 @@ class _LargeFrame:
     __slots__ = ('header', 'views', 'index', 'filled', 'received')
 
     def __init__(self, header):
-        kind, nbuf, request_id, length = header
+        kind, nbuf, request_id, length, references = header
         if length >= LARGE_BLOCK:
             give_back_large_blocks()
         self.header = header
@@ -460,7 +483,7 @@ class _LargeFrame:
 
     def _cut(self):
         """The table is in: a part for the pickle, then one for each buffer."""
-        kind, nbuf, request_id, length = self.header
+        kind, nbuf, request_id, length, references = self.header
         table = self.views[0]
         sizes = [_LENGTH.unpack_from(table, i * _LENGTH_SIZE)[0] for i in range(nbuf)]
         data_size = length - len(table) - sum(sizes)
@@ -470,15 +493,16 @@ class _LargeFrame:
         self.views.extend(new_buffer(size) for size in sizes)
 
     def frame(self):
-        kind, nbuf, request_id, length = self.header
+        kind, nbuf, request_id, length, references = self.header
         if not nbuf:
-            return Frame(kind, request_id, self.views[0].obj)
-        return Frame(kind, request_id, self.views[1].obj, self.views[2:])
+            return Frame(kind, request_id, self.views[0].obj, (), references)
+        return Frame(kind, request_id, self.views[1].obj, self.views[2:], references)
 
 
 def _check_header(view, start, max_size):
     """Raise the ``ProtocolError`` for a header that breaks the format; return its fields if none does."""
-    magic, version, kind, nbuf, request_id, length = HEADER.unpack_from(view, start)
+    magic, version, kind, flags, request_id, length = HEADER.unpack_from(view, start)
+    nbuf = flags & _BUFFER_COUNT
     if magic != MAGIC:
         raise ProtocolError(f'bad magic {bytes(magic)!r}: the peer does not speak DOPY')
     if version != VERSION:
@@ -494,9 +518,9 @@ def _check_header(view, start, max_size):
 
 
 def _make_frame(header, payload):
-    kind, nbuf, request_id, length = header
+    kind, nbuf, request_id, length, references = header
     if not nbuf:
-        return Frame(kind, request_id, payload)
+        return _new_frame(Frame, (kind, request_id, payload, (), references))
     view = memoryview(payload)
     table = nbuf * _LENGTH.size
     sizes = [_LENGTH.unpack_from(view, i * _LENGTH.size)[0] for i in range(nbuf)]
@@ -508,4 +532,4 @@ def _make_frame(header, payload):
     for size in sizes:
         buffers.append(view[position:position + size])
         position += size
-    return Frame(kind, request_id, payload[table:table + data_size], buffers)
+    return Frame(kind, request_id, payload[table:table + data_size], buffers, references)

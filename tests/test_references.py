@@ -526,15 +526,3 @@ class ThreeHubs(unittest.TestCase):
 
 MODES_ALL = (dopy.THRD_CONN, dopy.THRD_FUNC, dopy.THRD_NONE)
 
-
-class UnpicklingWithoutWireState(unittest.TestCase):
-    """A pickle is unpickled in its connection's wire state only if it holds ``REBUILD_MARK``."""
-
-    def test_every_function_that_rebuilds_a_reference_holds_the_mark_in_its_name(self):
-        from dopy import proxy
-        rebuilders = [f for name, f in vars(proxy).items() if 'rebuild' in name.lower() and callable(f)]
-        self.assertGreaterEqual(len(rebuilders), 4)
-        for function in rebuilders:
-            with self.subTest(function=function.__name__):
-                self.assertIn(proxy.REBUILD_MARK, function.__name__.encode())
-                self.assertIn(proxy.REBUILD_MARK, pickle.dumps(function, 5))

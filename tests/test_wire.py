@@ -29,6 +29,12 @@ MESSAGES = [
 ]
 
 
+def _fill(buffer, data):
+    """A ``recv_into`` that brings all of ``data`` at once."""
+    buffer[:len(data)] = data
+    return len(data)
+
+
 class FrameLayout(unittest.TestCase):
     def test_header_is_24_bytes_at_the_documented_offsets(self):
         data = wire.encode(wire.CALL, 0x0102030405060708, 'x')
@@ -39,6 +45,36 @@ class FrameLayout(unittest.TestCase):
         self.assertEqual(data[8:16], bytes([1, 2, 3, 4, 5, 6, 7, 8]))
         self.assertEqual(struct.unpack('!Q', data[16:24])[0], len(data) - 24)
         self.assertEqual(pickle.loads(data[24:]), 'x')
+
+    def test_the_references_flag_is_the_top_bit_of_the_buffer_count(self):
+        plain = wire.encode(wire.REPLY, 1, 'x')
+        flagged = wire.encode(wire.REPLY, 1, 'x', references=True)
+        self.assertEqual(plain[6:8], b'\x00\x00')
+        self.assertEqual(flagged[6:8], b'\x80\x00')
+        data, buffers = wire.dumps(pickle.PickleBuffer(bytearray(1 << 17)))
+        head = wire.frame_segments(wire.REPLY, 1, data, buffers, references=True)[0]
+        self.assertEqual(head[6:8], b'\x80\x01')
+
+    def test_every_frame_says_whether_its_pickle_may_hold_references(self):
+        big = wire.out_of_band(bytes(1 << 17))
+        cases = [('small', False, 1), ('small', True, 1), (big, False, 1), (big, True, 1),
+                 ('y' * (1 << 19), True, 1 << 16), (big, True, 1 << 16)]
+        for value, references, chunk in cases:
+            with self.subTest(references=references, chunk=chunk, size=len(wire.encode(wire.REPLY, 1, value))):
+                data = wire.encode(wire.REPLY, 1, value, references=references)
+                decoder = wire.Decoder()
+                for i in range(0, len(data), chunk):
+                    decoder.feed(data[i:i + chunk])
+                frame = decoder.next_frame()
+                self.assertIs(frame.references, references)
+                self.assertEqual(decoded(frame)[2], value.data if value is big else value)
+
+    def test_a_lone_frame_received_whole_keeps_its_references_flag(self):
+        for references in (False, True):
+            with self.subTest(references=references):
+                data = wire.encode(wire.REPLY, 9, 'one', references=references)
+                frame = wire.Decoder().receive(lambda buffer: _fill(buffer, data))
+                self.assertIs(frame.references, references)
 
     def test_small_message_is_one_segment(self):
         data, buffers = wire.dumps(('o', 'm', (1,), {}))
@@ -303,13 +339,13 @@ class LargeFrames(unittest.TestCase):
     def test_large_bytearray_and_memoryview_values_come_back_as_themselves(self):
         for value in (bytearray(b'q' * (3 << 20)), memoryview(bytearray(b'v' * (3 << 20))).cast('B', (3, 1 << 20))):
             with self.subTest(type=type(value)):
-                back = wire.loads(*self.received(value)[2:])
+                back = wire.load_frame(self.received(value))
                 self.assertIs(type(back), type(value))
                 self.assertEqual(back, value)
 
     def test_several_large_buffers_in_one_frame_keep_their_order(self):
         values = [b'a' * (1 << 20), b'b' * (2 << 20), b'', b'c' * 300_000]
-        back = wire.loads(*self.received([wire.out_of_band(v) for v in values], chunk=99_999)[2:])
+        back = wire.load_frame(self.received([wire.out_of_band(v) for v in values], chunk=99_999))
         self.assertEqual(back, values)
 
     def test_buffer_lengths_past_the_end_of_a_large_frame_are_refused_before_allocating(self):
