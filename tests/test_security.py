@@ -24,6 +24,16 @@ def mark_unpickled():
     UNPICKLED.set()
 
 
+class YoursReference:
+    """Pickles as a reference to the receiver's own object ``name``, as a proxy does inside a call."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return dopy.proxy.rebuild_yours, (self.name,)
+
+
 class Trap:
     """Sets UNPICKLED if anyone ever unpickles it."""
 
@@ -249,6 +259,23 @@ class BadInput(HubCase):
         # In THRD_FUNC both run on the pool, and either reply may leave first.
         replies = {frame.request_id: frame for frame in frames}
         self.assertEqual(sorted(replies), [7, 8])
+        self.assertEqual(replies[7].kind, wire.ERROR)
+        self.assertEqual((replies[8].kind, wire.loads(replies[8].data)), (wire.REPLY, 'after'))
+
+    def test_a_reference_in_a_frame_not_flagged_for_references_is_an_error_reply(self):
+        sock = raw_client(self.server.port)
+        self.addCleanup(sock.close)
+        # What the server's own object pickles to, sent back, but outside
+        # any connection's context: the frame does not say it may hold one.
+        sock.sendall(wire.encode(wire.CALL, 7, ('obj', 'echo', (YoursReference('obj'),), {})) +
+                     wire.encode(wire.CALL, 8, ('obj', 'echo', ('after',), {})))
+        decoder = wire.Decoder()
+        frames = []
+        while len(frames) < 2:
+            decoder.feed(sock.recv(65536))
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+        replies = {frame.request_id: frame for frame in frames}
         self.assertEqual(replies[7].kind, wire.ERROR)
         self.assertEqual((replies[8].kind, wire.loads(replies[8].data)), (wire.REPLY, 'after'))
 
