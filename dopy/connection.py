@@ -2,44 +2,42 @@
 
 Both ends of a link are a ``Connection``, over a stream (``dopy.streams``:
 a socket or a pair of pipes); a server's and a client's differ only in who
-reads.  A threaded server runs ``serve()`` in a thread of the connection's
-own, which sleeps in a blocking recv and runs the peer's calls in order.
-In THRD_CONN that thread is the connection's *owner*: every call the peer
-sends runs on it.  While it runs one, a thread that waits for a reply on
-the connection may read it instead; the calls it reads go to the owner's
-mailbox, which the owner empties before it reads again and whenever it
-waits for a reply itself (woken by a pipe of its own while it reads
-another connection).  So no reply waits for a method, and no call leaves
-its thread.  A client has no thread of its own: a thread waiting for a reply takes the
-*reader* role and reads the socket itself, handing replies meant for other
-threads to them (they wait on a condition) and serving any call that
-arrives meanwhile.  When its own reply is in, it gives the role up to one of
-the others.  A thread that finds the role free takes it before it sends,
-and needs no waiter at all: the common case of one caller at a time is
-kept to the fewest steps.  A call made while serving a call on the same
-connection reads in the same thread, so nested calls do not deadlock.
+reads.  A connection is composed of a call table (``dopy.calls``), a
+reference table (``dopy.references``), a channel (``dopy.channel``) and
+the driver of its hub's threading mode (``dopy.drivers``), which says who
+else reads it and where the peer's calls run.
 
-A connection that must read while no thread waits (replies to futures,
-say) gets a reader thread of its own with ``start_reader``; it is the
-connection's, and ``close`` joins it.  In a THRD_FUNC hub the reader
-unpickles each call and hands it to the hub's pool to run.  In a THRD_NONE
-hub there are no threads: the hub's loop reads, and a call that waits
-runs that loop until its reply arrives.
+The reading role.  At most one thread reads a connection at a time: the
+one whose ident ``_role`` holds.  A threaded server runs ``serve()`` in a
+thread of the connection's own, which sleeps in a blocking recv; in
+THRD_CONN that thread is the connection's *owner*, and every call the peer
+sends runs on it.  While it runs one it gives the role up, so that a thread
+that waits for a reply on the connection may read it instead; the calls
+that thread reads go to the owner's mailbox, which the owner empties before
+it reads again and whenever it waits for a reply itself (woken by a pipe of
+its own while it reads another connection).  So no reply waits for a
+method, and no call leaves its thread.  A client has no thread of its own:
+a thread waiting for a reply takes the role and reads the socket itself,
+handing replies meant for other threads to them (they wait on a condition)
+and serving any call that arrives meanwhile.  A thread that finds the role
+free takes it before it sends, and needs no waiter at all: the common case
+of one caller at a time is kept to the fewest steps.  A call made while
+serving a call on the same connection reads in the same thread, so nested
+calls do not deadlock.  A connection that must read while no thread waits
+(replies to futures, say) gets a reader thread of its own with
+``start_reader``; it is the connection's, and ``close`` joins it.
 
 No read or send ever blocks past the call's deadline (``time.monotonic()``;
 None means no limit): with a deadline a reader waits in ``poll``, without
 one it sleeps in the stream's ``recv_wait`` where there is one, and sends
-never block.  Several threads may
-call at once: sends are serialised by a lock, and each call's reply is
-found by its request id, so a late reply never answers a later call.
+never block.  Several threads may call at once: sends are serialised by a
+lock, and each call's reply is found by its request id, so a late reply
+never answers a later call.  A RELEASE frame due goes out ahead of the next
+frame sent.  Nothing outlives the connection.
 
-The connection also keeps the references that travel over it, in a
-``dopy.references.ReferenceTable``: a RELEASE frame it has due goes out
-ahead of the next frame it sends.  Nothing outlives the connection.
-
-Its frames go out and come in through a ``dopy.channel.Channel``, the one
-place where an ``OSError`` becomes one of DOPY's errors; the connection
-decides what each error means for it (closing, mostly).
+Its frames go out and come in through the channel, the one place where an
+``OSError`` becomes one of DOPY's errors; the connection decides what each
+error means for it (closing, mostly).
 """
 
 import itertools
@@ -57,11 +55,10 @@ from time import monotonic as _monotonic
 from . import dispatch, proxy, wire
 from .calls import CallTable, Waiter, reply_outcome, unpickling_failed
 from .channel import Channel, wait_ready
-from .futures import CallFuture, LoopFuture
 from .errors import (CallTimeoutError, CommunicationError, ConnectionClosedError,
                      ConnectionLostError, ProtocolError,
                      SerializationError)
-from .hub import THRD_FUNC
+from .drivers import driver_for
 from .references import ReferenceTable
 
 __all__ = ['Connection']
@@ -99,12 +96,15 @@ class Connection:
         self.hub = hub
         self._serial = next(_serials)
         self._stream = stream
-        self._threaded = hub.threaded
-        self._pooled = hub.threadMode == THRD_FUNC
+        self._driver = driver = driver_for(hub)
+        self._threaded = driver.threaded
+        self.write_fd = stream.write_fd
         self._channel = Channel(stream, hub.max_message_size, peer,
-                                None if hub.threaded else self._pump_until_writable)
+                                None if driver.wait_writable is None
+                                else lambda deadline: driver.wait_writable(self, deadline))
         self._channel_send = self._channel.send
         self._decoder = self._channel.decoder
+        self.next_frame = self._decoder.next_frame
         self._send_lock = threading.RLock()
         # One lock, two names: ``_lock`` where nobody waits or is woken (the
         # C-level lock is much cheaper than the Condition), ``_cond`` where
@@ -131,7 +131,7 @@ class Connection:
         # THRD_CONN: the thread that serves this connection (``serve``).  It
         # holds the role but while it runs a call; calls that another thread
         # reads meanwhile wait in the mailbox for it.
-        self._owner = None
+        self.owner = None
         self._mailbox = deque()
         # The connection the owner sleeps on, waiting for a reply, if any.
         self._owner_waits_on = None
@@ -149,10 +149,7 @@ class Connection:
         self._error = None
         # A reader with no deadline sleeps in recv itself, where the stream allows.
         self._recv_wait = stream.recv_wait if self._threaded else None
-        if not self._threaded:
-            hub.loop.add_reader(stream.read_fd, self._on_readable)
-            if stream.pending():
-                hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
+        driver.attach(self, stream)
 
     def __repr__(self):
         state = 'closed' if self.closed else f'{len(self._calls)} calls in flight'
@@ -189,7 +186,7 @@ class Connection:
                     if frame.request_id == request_id and frame.kind in _ANSWERS:
                         value, error = self._unpack(frame, name, method)
                         break
-                    self._handle(frame)
+                    self.handle(frame)
         except CallTimeoutError:
             if self.closed:
                 raise  # connecting timed out: the greeting never came (streams.EarlyStream)
@@ -207,7 +204,7 @@ class Connection:
     def _await(self, waiter, request_id, deadline, timeout):
         """The outcome of a call registered under ``waiter``, once whichever thread reads has answered it."""
         try:
-            self._wait_for(waiter, deadline)
+            self._driver.wait(self, waiter, deadline)
         except BaseException as exc:
             # Given up on, timed out or interrupted (Ctrl-C, say): a late reply is discarded.
             with self._lock:
@@ -235,7 +232,7 @@ class Connection:
         bounds the wait for the reply.  Starts the reader thread.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = CallFuture(name, method) if self._threaded else LoopFuture(name, method, self.hub.loop)
+        future = self._driver.new_future(name, method)
         if self._reader_thread is None:
             self.start_reader()
         self._send_call(wire.CALL, future, args, kwargs, deadline, name, method)
@@ -343,14 +340,14 @@ class Connection:
                     self._sleep(None)
             finally:
                 self._sleepers -= 1
-            owning = self._threaded and not self._pooled
+            owning = self._driver.owns
             if owning:
-                self._owner = me
+                self.owner = me
         reading = True
         try:
             if not owning:
                 while True:
-                    self._handle(self._read_frame(None))
+                    self.handle(self._read_frame(None))
             saved = _owners.get(me)
             _owners[me] = self
             try:
@@ -364,7 +361,7 @@ class Connection:
                 # Whether this thread still reads, once the loop has ended.
                 reading = role.get(_READER) == me
         except Exception as exc:
-            self._ended(exc)
+            self.ended(exc)
         finally:
             if reading:
                 self._give_up_reading()
@@ -383,13 +380,13 @@ class Connection:
         receive = self._decoder.receive
         recv = self._recv_wait
         read_frame = self._read_frame
-        handle = self._handle
+        handle = self.handle
         lookup = self.lookup
         registry = self.hub.registry
         # (object name, method name) -> the registry entry they were found
         # public in: good for as long as the name still maps to that entry.
         checked = {}
-        loads = self._loads
+        loads = self.loads
         plain_frame = wire.plain_frame
         send_frame = self._send_frame
         plain = _PLAIN_TYPES
@@ -410,9 +407,9 @@ class Connection:
                 if kind != wire.ONEWAY:
                     handle(frame)
                     continue
-                call = dispatch.prepare(lookup, frame, self._loads)
+                call = dispatch.prepare(lookup, frame, self.loads)
                 self._step_aside()
-                self._run(frame, call)
+                self.run(frame, call)
             else:
                 try:
                     message = loads(frame)
@@ -435,7 +432,7 @@ class Connection:
                             else self._prepare_checked(message, checked))
                     message = None
                     self._step_aside()
-                    self._run(frame, call)
+                    self.run(frame, call)
                 else:
                     message = None
                     # Given up while the method runs: a thread that waits
@@ -447,7 +444,7 @@ class Connection:
                         value = method(*args, **kwargs)
                     except BaseException as exc:
                         args = kwargs = None
-                        self._reply(frame, dispatch.failed((name, method_name), exc))
+                        self.reply(frame, dispatch.failed((name, method_name), exc))
                     else:
                         # Let go of the arguments before the reply: the
                         # references among them are released ahead of it.
@@ -461,7 +458,7 @@ class Connection:
                             finally:
                                 send_lock.release()
                         else:
-                            self._reply(frame, dispatch.Outcome((name, method_name), True, value))
+                            self.reply(frame, dispatch.Outcome((name, method_name), True, value))
                             value = None
             if role.setdefault(_READER, me) == me and not mailbox:
                 continue
@@ -517,9 +514,9 @@ class Connection:
             if self._sleepers:
                 self._cond.notify_all()
 
-    def _post(self, frame):
+    def post(self, frame):
         """A call read by a thread that is not its connection's owner: leave it in the owner's mailbox, and wake the owner."""
-        call = dispatch.prepare(self.lookup, frame, self._loads)
+        call = dispatch.prepare(self.lookup, frame, self.loads)
         with self._lock:
             self._mailbox.append((frame, call))
             if self._sleepers:
@@ -555,7 +552,7 @@ class Connection:
         # Else the reader thread serves what came before the hang-up, then closes.
         return False
 
-    def _ended(self, exc):
+    def ended(self, exc):
         """Log why reading stopped, once, at the level it deserves; make sure the connection is shut."""
         if isinstance(exc, ConnectionClosedError):
             log.debug('connection with %s closed', self.peer)
@@ -573,47 +570,6 @@ class Connection:
         """The peer broke the protocol: one log line, then close."""
         log.warning('closing connection with %s: %s', self.peer, exc)
         self._shutdown(exc)
-
-    def _on_readable(self, _fd):
-        """THRD_NONE: the loop saw data; read what is there and handle every whole frame."""
-        if self.closed:
-            return
-        try:
-            frame = self._receive(self._stream.recv_into)
-        except BlockingIOError:
-            frame = None  # read already by a nested turn of the loop
-        except Exception as exc:
-            self._ended(exc)
-            return
-        try:
-            self._handle_ready(frame)
-            if self._stream.pending():
-                # Decrypted bytes the descriptor does not show: read them before the loop blocks.
-                self.hub.loop.defer((self, 'pending'), lambda: self._on_readable(None))
-        except Exception as exc:
-            self._ended(exc)
-
-    def _handle_ready(self, frame=None):
-        """THRD_NONE: handle ``frame``, then the other frames decoded so far, one by one.
-
-        Before each, the rest are left to the loop's backlog, so that a call
-        made while handling this frame (which runs the loop) handles them
-        first, in order, and no frame waits for more bytes to arrive.
-        """
-        while not self.closed:
-            if frame is None:
-                frame = self._decoder.next_frame()
-                if frame is None:
-                    return
-            self.hub.loop.defer(self, self._handle_backlog)
-            self._handle(frame)
-            frame = None
-
-    def _handle_backlog(self):
-        try:
-            self._handle_ready()
-        except Exception as exc:
-            self._ended(exc)
 
     def acquire(self):
         """Count one more proxy using this connection."""
@@ -708,7 +664,7 @@ class Connection:
             self._refuse(error)
             raise error from exc
 
-    def _loads(self, frame):
+    def loads(self, frame):
         """Unpickle a frame received on this connection: in its wire state if the frame may hold references.
 
         Every message's path: setting the wire state, a thread-local, costs
@@ -727,17 +683,15 @@ class Connection:
     def _unpack(self, frame, name, method):
         """A reply frame's ``(value, exception)``: the exception is built, not raised."""
         try:
-            value = self._loads(frame)
+            value = self.loads(frame)
         except Exception as exc:
             return unpickling_failed(frame.kind, exc, name, method)
         if frame.kind == wire.REPLY:
             return value, None
         return reply_outcome(frame.kind, value, name, method)
 
-    def _wait_for(self, waiter, deadline):
-        if not self._threaded:
-            self.hub.loop.pump_until(lambda: waiter.done or self.closed, deadline)
-            return
+    def read_until(self, waiter, deadline):
+        """Wait for ``waiter``'s reply, reading for it while no other thread reads (the threaded drivers' ``wait``)."""
         me = get_ident()
         # The connection whose calls this thread runs, if any: its calls read
         # by another thread are run here while this thread waits.
@@ -755,7 +709,7 @@ class Connection:
                 # A connection's reader thread, once it has one, does all
                 # the reading, and so does a server connection's owner,
                 # but for while they run a call (then the role is free).
-                if (reader is None and (self._reader_thread is None or self._owner is not None)
+                if (reader is None and (self._reader_thread is None or self.owner is not None)
                         and role.setdefault(_READER, me) == me):
                     nested = False
                     break
@@ -779,7 +733,7 @@ class Connection:
             self._sleepers -= 1
             lock.release()
         try:
-            read_frame, handle = self._read_frame, self._handle
+            read_frame, handle = self._read_frame, self.handle
             while not waiter.done:
                 handle(read_frame(deadline))
         except CallTimeoutError:
@@ -795,7 +749,7 @@ class Connection:
         mailbox = self._mailbox
         while mailbox:
             frame, call = mailbox.popleft()
-            self._run(frame, call)
+            self.run(frame, call)
 
     def _give_up_reading(self):
         """This thread stops reading: wake the waiting threads, one of which will read next."""
@@ -805,21 +759,10 @@ class Connection:
         if self.closed:
             self._close_socket()
 
-    def _handle(self, frame):
+    def handle(self, frame):
         kind = frame.kind
         if kind == wire.CALL or kind == wire.ONEWAY:
-            if not self._pooled:
-                owner = self._owner
-                if owner is not None and owner != get_ident():
-                    self._post(frame)
-                    return
-                self._reply(frame, dispatch.run(self.lookup, frame, self._loads))
-                return
-            call = dispatch.prepare(self.lookup, frame, self._loads)
-            if not self.hub.submit(lambda: self._run(frame, call)):
-                # Every pool thread is busy, perhaps each waiting for a nested
-                # call that needs this one: the reader runs it, as in THRD_CONN.
-                self._run(frame, call)
+            self._driver.run_call(self, frame)
         elif kind == wire.REPLY or kind == wire.ERROR:
             self._answer(frame)
         else:
@@ -846,14 +789,14 @@ class Connection:
             if self._sleepers:
                 self._cond.notify_all()
 
-    def _run(self, frame, call):
+    def run(self, frame, call):
         outcome = call()
         # Let go of the arguments now, so that the references among them are
         # released ahead of this reply rather than of a later frame.
         call.args = call.kwargs = None
-        self._reply(frame, outcome)
+        self.reply(frame, outcome)
 
-    def _reply(self, frame, outcome):
+    def reply(self, frame, outcome):
         if frame.kind == wire.ONEWAY:
             dispatch.log_oneway(frame.request_id, outcome)
             return
@@ -878,11 +821,7 @@ class Connection:
             finally:
                 send_lock.release()
         except CommunicationError as exc:
-            if self._pooled:
-                # No reader to tell: the connection is shut, and the reader logs why.
-                log.debug('reply to %s not sent: %s', self.peer, exc)
-            else:
-                raise
+            self._driver.reply_failed(self, exc)
 
     def _read_frame(self, deadline):
         """The next frame, read by this thread, which holds the reading role; waits until ``deadline``."""
@@ -929,7 +868,7 @@ class Connection:
                     receive = self._stream.recv_into
                     self._channel.wait_readable(deadline)
                 try:
-                    frame = self._receive(receive)
+                    frame = self.receive(receive)
                 except BlockingIOError:
                     continue
                 if frame is not None:
@@ -966,7 +905,7 @@ class Connection:
             os.close(fds[0])
             os.close(fds[1])
 
-    def _receive(self, receive):
+    def receive(self, receive):
         """``decoder.receive(receive)``: the next whole frame or None, with errors translated (BlockingIOError passes)."""
         try:
             return self._channel.receive(receive)
@@ -1039,10 +978,6 @@ class Connection:
             f'connection with {self.peer} closed: a send was interrupted, perhaps part-way through a frame'))
         return exc
 
-    def _pump_until_writable(self, deadline):
-        """THRD_NONE: wait for the peer to read, the loop serving everyone else meanwhile."""
-        self.hub.loop.pump_until(lambda: self.closed, deadline, self._stream.write_fd)
-
     def _lost(self, error):
         """The connection is lost, as ``error`` (a ``ConnectionLostError``) says: what to raise, the connection shut."""
         if self.closed:
@@ -1068,8 +1003,7 @@ class Connection:
             if isinstance(waiter, Future):
                 waiter.resolve(None, _fresh(error))
         self._refs.clear()
-        if not self._threaded:
-            self.hub.loop.remove_reader(self._stream.read_fd)
+        self._driver.detach(self, self._stream)
         if reading:
             # Wakes the thread blocked reading this stream; it closes the
             # stream once no thread can be using its descriptors.
