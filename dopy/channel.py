@@ -74,6 +74,7 @@ class Channel:
         self.peer = peer
         self.decoder = wire.Decoder(max_size)
         self._send = stream.send
+        self._send_flags = stream.send_flags
         self._wait_writable = wait_writable or self._poll_writable
 
     # Made on first use: a channel that never has to wait for its stream has none.
@@ -95,7 +96,7 @@ class Channel:
         """Send the frame ``data`` (bytes-like), all of it: a small one leaves in one system call."""
         try:
             try:
-                sent = self._send(data)
+                sent = self._send(data, self._send_flags)
             except BlockingIOError:
                 sent = 0
             if sent != len(data):
@@ -115,12 +116,12 @@ class Channel:
             raise self.lost(exc) from exc
 
     def _send_rest(self, data, sent, deadline):
-        send = self._send
+        send, flags = self._send, self._send_flags
         view = memoryview(data)
         while sent < len(view):
             self._wait_writable(deadline)
             try:
-                sent += send(view[sent:])
+                sent += send(view[sent:], flags)
             except BlockingIOError:
                 pass
 

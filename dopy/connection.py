@@ -827,7 +827,7 @@ class Connection:
         """The next frame, read by this thread, which holds the reading role; waits until ``deadline``."""
         # The connection whose calls this thread runs, if another: the calls
         # left for it while it reads here run as they come (see _post).
-        owned = _owners.get(get_ident())
+        owned = _owners.get(get_ident()) if _owners else None
         if owned is None or owned is self:
             if deadline is None and self._recv_wait is not None:
                 # Every read's path with no deadline: asleep in recv.

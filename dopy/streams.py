@@ -1,8 +1,10 @@
 """The byte streams a connection runs over: a socket, a TLS socket, or a pair of pipes.
 
-A stream's ``recv_into``, ``send`` and ``sendmsg`` never block and raise
-``OSError`` (``BlockingIOError`` when they would block); ``dopy.connection``
-translates the rest.  ``recv_wait``, when not None, is a ``recv_into`` that
+A stream's ``recv_into``, ``send(data, send_flags)`` and ``sendmsg`` never
+block and raise ``OSError`` (``BlockingIOError`` when they would block);
+``dopy.channel`` translates the rest.  ``send`` takes the stream's own
+``send_flags``: a socket's ``send`` is the socket's, given
+``MSG_DONTWAIT``, with no Python frame on every send.  ``recv_wait``, when not None, is a ``recv_into`` that
 sleeps until data comes, for a reader with no deadline: one system call
 instead of a ``poll`` and a read.  ``shutdown()`` wakes
 any thread waiting to read and may be called from any thread;
@@ -64,6 +66,7 @@ class SocketStream:
     """A connected stream socket."""
 
     wake_fd = None
+    send_flags = _DONTWAIT
 
     def __init__(self, sock):
         # A blocking socket, so that recv_wait can sleep in the kernel; every
@@ -75,9 +78,8 @@ class SocketStream:
         self.recv_wait = sock.recv_into
         # A partial rather than a method: no Python frame on every read.
         self.recv_into = functools.partial(sock.recv_into, flags=_DONTWAIT)
-
-    def send(self, data):
-        return self.sock.send(data, _DONTWAIT)
+        # The socket's own send (see send_flags): no Python frame on every send.
+        self.send = sock.send
 
     def sendmsg(self, views):
         return self.sock.sendmsg(views, (), _DONTWAIT)
@@ -202,6 +204,7 @@ class TLSStream:
 
     wake_fd = None
     recv_wait = None
+    send_flags = 0
 
     def __init__(self, sock):
         sock.setblocking(False)
@@ -216,7 +219,7 @@ class TLSStream:
         except ssl.SSLZeroReturnError:
             return 0
 
-    def send(self, data):
+    def send(self, data, flags=0):
         try:
             return self.sock.send(data)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -258,6 +261,7 @@ class PipeStream:
     """
 
     recv_wait = None
+    send_flags = 0
 
     def __init__(self, read_fd, write_fd, on_close=None):
         os.set_blocking(read_fd, False)
@@ -271,7 +275,7 @@ class PipeStream:
     def recv_into(self, buffer):
         return os.readv(self.read_fd, [buffer])
 
-    def send(self, data):
+    def send(self, data, flags=0):
         return os.write(self.write_fd, data)
 
     def sendmsg(self, views):
