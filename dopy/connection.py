@@ -906,12 +906,10 @@ class Connection:
             os.close(fds[1])
 
     def receive(self, receive):
-        """``decoder.receive(receive)``: the next whole frame or None, with errors translated (BlockingIOError passes)."""
+        """The channel's ``receive(receive)``: the next whole frame or None; the connection shut if the channel failed."""
         try:
             return self._channel.receive(receive)
-        except BlockingIOError:
-            raise
-        except Exception as exc:
+        except CommunicationError as exc:
             raise self._receive_failed(exc)
 
     def _receive_failed(self, exc):

@@ -24,6 +24,17 @@ def mark_unpickled():
     UNPICKLED.set()
 
 
+def replies_by_id(sock, count):
+    """The next ``count`` frames the server sends on ``sock``, by request id (in THRD_FUNC, replies may leave in any order)."""
+    decoder = wire.Decoder()
+    frames = []
+    while len(frames) < count:
+        decoder.feed(sock.recv(65536))
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    return {frame.request_id: frame for frame in frames}
+
+
 class YoursReference:
     """Pickles as a reference to the receiver's own object ``name``, as a proxy does inside a call."""
 
@@ -250,14 +261,7 @@ class BadInput(HubCase):
         bad = b'\x80\x05cbuiltins\nnothing_here\n)R.'
         sock.sendall(b''.join(wire.frame_segments(wire.CALL, 7, bad)) +
                      wire.encode(wire.CALL, 8, ('obj', 'echo', ('after',), {})))
-        decoder = wire.Decoder()
-        frames = []
-        while len(frames) < 2:
-            decoder.feed(sock.recv(65536))
-            while (frame := decoder.next_frame()) is not None:
-                frames.append(frame)
-        # In THRD_FUNC both run on the pool, and either reply may leave first.
-        replies = {frame.request_id: frame for frame in frames}
+        replies = replies_by_id(sock, 2)
         self.assertEqual(sorted(replies), [7, 8])
         self.assertEqual(replies[7].kind, wire.ERROR)
         self.assertEqual((replies[8].kind, wire.loads(replies[8].data)), (wire.REPLY, 'after'))
@@ -269,13 +273,7 @@ class BadInput(HubCase):
         # any connection's context: the frame does not say it may hold one.
         sock.sendall(wire.encode(wire.CALL, 7, ('obj', 'echo', (YoursReference('obj'),), {})) +
                      wire.encode(wire.CALL, 8, ('obj', 'echo', ('after',), {})))
-        decoder = wire.Decoder()
-        frames = []
-        while len(frames) < 2:
-            decoder.feed(sock.recv(65536))
-            while (frame := decoder.next_frame()) is not None:
-                frames.append(frame)
-        replies = {frame.request_id: frame for frame in frames}
+        replies = replies_by_id(sock, 2)
         self.assertEqual(replies[7].kind, wire.ERROR)
         self.assertEqual((replies[8].kind, wire.loads(replies[8].data)), (wire.REPLY, 'after'))
 
