@@ -90,6 +90,16 @@ class Connection:
     messages.
     """
 
+    # Slots rather than a dictionary: a connection has more attributes than
+    # CPython keeps in an instance's shared-key values, and every call's
+    # path reads a dozen of them.
+    __slots__ = ('peer', '_on_close', 'hub', '_serial', '_stream', '_driver', '_threaded',
+                 'write_fd', '_channel', '_channel_send', '_decoder', 'next_frame', '_send_lock',
+                 '_lock', '_cond', '_sleepers', '_calls', '_next_id', '_role', '_reader_thread',
+                 '_direct', '_serving', 'owner', '_mailbox', '_owner_waits_on', '_wake_fds',
+                 '_owner_reads_elsewhere', '_refs', '_released', 'closed', '_users',
+                 '_close_when_unused', '_error', '_recv_wait', '__weakref__')
+
     def __init__(self, stream, hub, peer, close_when_unused=False, on_close=None):
         self.peer = peer
         self._on_close = on_close
