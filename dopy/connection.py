@@ -393,8 +393,10 @@ class Connection:
         handle = self.handle
         lookup = self.lookup
         registry = self.hub.registry
-        # (object name, method name) -> the registry entry they were found
+        # method name -> object name -> the registry entry they were found
         # public in: good for as long as the name still maps to that entry.
+        # Keyed by the method first, as most servers have fewer methods than
+        # objects; and by two plain keys, not a tuple made on every call.
         checked = {}
         loads = self.loads
         plain_frame = wire.plain_frame
@@ -429,8 +431,8 @@ class Connection:
                 if type(message) is tuple and len(message) == 4:
                     name, method_name, args, kwargs = message
                     try:
-                        entry = checked.get((name, method_name))
-                    except TypeError:
+                        entry = checked[method_name].get(name)
+                    except (KeyError, TypeError):
                         entry = None  # unhashable: dispatch says why
                     if (entry is not None and registry.get(name) is entry
                             and type(args) is tuple and type(kwargs) is dict):
@@ -481,9 +483,14 @@ class Connection:
             name, method_name = call.label
             entry = self.hub.registry.get(name)
             if entry is not None and method_name not in dispatch.CONTAINER_METHODS:
-                if len(checked) >= _MAX_CHECKED:
-                    checked.clear()
-                checked[call.label] = entry
+                objects = checked.get(method_name)
+                if objects is None:
+                    if len(checked) >= _MAX_CHECKED:
+                        checked.clear()
+                    objects = checked[method_name] = {}
+                elif len(objects) >= _MAX_CHECKED:
+                    objects.clear()
+                objects[name] = entry
         return call
 
     def _take_back_reading(self):
