@@ -34,6 +34,13 @@ __all__ = ['Channel', 'translate_os_error', 'wait_ready']
 
 # sendmsg takes at most IOV_MAX (1024 on Linux) segments a call.
 _MAX_SEGMENTS = 512
+# A read with less time than this left waits in poll.  Longer ones sleep in
+# recv under the socket's own timeout, which the kernel keeps in clock ticks
+# (up to _TICK long) and rounds up: it is set at most _TICK short of the
+# time left, and to a tenth less than that time, so that the calls of one
+# proxy, with one timeout, find it set already.
+_TIMED_RECV_MIN = 0.05
+_TICK = 0.01
 
 
 def translate_os_error(exc, what, hint=''):
@@ -76,6 +83,9 @@ class Channel:
         self._send = stream.send
         self._send_flags = stream.send_flags
         self._wait_writable = wait_writable or self._poll_writable
+        # The stream's receive timeout (see ``receive_by``), or None while
+        # a read waits for ever.  Only the reading thread sets it.
+        self.recv_timeout = None
 
     # Made on first use: a channel that never has to wait for its stream has none.
     @functools.cached_property
@@ -177,6 +187,41 @@ class Channel:
         error = ConnectionLostError(f'connection with {self.peer} lost: {cause.strerror or cause}')
         error.__cause__ = cause
         return error
+
+    def receive_by(self, recv, deadline):
+        """One ``recv_wait`` of the stream (``recv``) into the decoder, given up at ``deadline``: the next whole frame, or None.
+
+        One system call when the frame comes in time: the socket's own
+        timeout bounds the sleep, set again only when it no longer fits
+        the time left.  With little time left, it waits in ``poll``.  None
+        does not say why (nothing came in time, or only part of a frame):
+        the caller looks at its deadline.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining < _TIMED_RECV_MIN:
+            if remaining > 0 and not self.stream.pending():
+                self._read_poll.poll(math.ceil(remaining * 1000))
+            recv = self.stream.recv_into
+        else:
+            timeout = self.recv_timeout
+            if timeout is None or not remaining / 2 <= timeout <= remaining - _TICK:
+                timeout = min(remaining * 0.9, remaining - _TICK)
+                self._set_recv_timeout(timeout)
+        try:
+            return self.receive(recv)
+        except BlockingIOError:
+            return None  # the socket's timeout, or nothing yet after poll
+
+    def untime(self):
+        """After reads with a deadline: let the stream's ``recv_wait`` wait for ever again."""
+        self._set_recv_timeout(None)
+
+    def _set_recv_timeout(self, seconds):
+        try:
+            self.stream.set_recv_timeout(seconds)
+        except OSError as exc:
+            raise self.lost(exc) from exc
+        self.recv_timeout = seconds
 
     def wait_readable(self, deadline):
         """Wait until the stream has something to read (or is shut down), or ``CallTimeoutError`` at ``deadline``."""

@@ -387,6 +387,7 @@ class Connection:
         """
         role = self._role
         mailbox = self._mailbox
+        channel = self._channel
         receive = self._decoder.receive
         recv = self._recv_wait
         read_frame = self._read_frame
@@ -405,7 +406,9 @@ class Connection:
         call_kind, reply_kind = wire.CALL, wire.REPLY
         send_lock = self._send_lock
         while True:
-            if recv is None or self.closed:
+            if recv is None or self.closed or channel.recv_timeout is not None:
+                # read_frame lets a receive timeout that a thread reading
+                # with a deadline left behind go, and reads on.
                 frame = read_frame(None)
             else:
                 try:
@@ -846,18 +849,25 @@ class Connection:
         # left for it while it reads here run as they come (see _post).
         owned = _owners.get(get_ident()) if _owners else None
         if owned is None or owned is self:
-            if deadline is None and self._recv_wait is not None:
-                # Every read's path with no deadline: asleep in recv.
-                receive, recv = self._decoder.receive, self._recv_wait
+            recv = self._recv_wait
+            if recv is not None:
+                # Every read's path: asleep in recv, for as long as the
+                # deadline allows (see Channel.receive_by).
+                channel = self._channel
+                if deadline is None and channel.recv_timeout is not None:
+                    channel.untime()
+                receive = self._decoder.receive
                 while True:
                     if self.closed:
                         raise _fresh(self._error)
                     try:
-                        frame = receive(recv)
+                        frame = receive(recv) if deadline is None else channel.receive_by(recv, deadline)
                     except Exception as exc:
                         raise self._receive_failed(exc)
                     if frame is not None:
                         return frame
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise CallTimeoutError(f'waiting for {self.peer}: timed out')
             owned = None
         else:
             # The pipe first: whoever sees the flag writes to it.

@@ -4,9 +4,11 @@ A stream's ``recv_into``, ``send(data, send_flags)`` and ``sendmsg`` never
 block and raise ``OSError`` (``BlockingIOError`` when they would block);
 ``dopy.channel`` translates the rest.  ``send`` takes the stream's own
 ``send_flags``: a socket's ``send`` is the socket's, given
-``MSG_DONTWAIT``, with no Python frame on every send.  ``recv_wait``, when not None, is a ``recv_into`` that
-sleeps until data comes, for a reader with no deadline: one system call
-instead of a ``poll`` and a read.  ``shutdown()`` wakes
+``MSG_DONTWAIT``, with no Python frame on every send.  ``recv_wait``, when
+not None, is a ``recv_into`` that sleeps until data comes: one system call
+instead of a ``poll`` and a read.  A stream that has one has
+``set_recv_timeout(seconds)`` too, which bounds that sleep, so that a reader
+with a deadline can use it as well.  ``shutdown()`` wakes
 any thread waiting to read and may be called from any thread;
 ``close()`` releases the descriptors and is called once no thread can be
 using them.  ``wake_fd``, when not None, is a descriptor to wait on beside
@@ -26,12 +28,15 @@ import os
 import select
 import socket
 import ssl
+import struct
 
 __all__ = ['SocketStream', 'EarlyStream', 'TLSStream', 'PipeStream']
 
 # Plain ints: or-ing the enum flags on every call costs more than the system call.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+# struct timeval, as SO_RCVTIMEO takes it.
+_TIMEVAL = struct.Struct('@ll')
 # Set by the peer's FIN; an RST sets POLLHUP and POLLERR, which poll always reports.
 _POLLRDHUP = getattr(select, 'POLLRDHUP', None) if hasattr(select, 'poll') else None
 
@@ -83,6 +88,18 @@ class SocketStream:
 
     def sendmsg(self, views):
         return self.sock.sendmsg(views, (), _DONTWAIT)
+
+    def set_recv_timeout(self, seconds):
+        """Make ``recv_wait`` give up after ``seconds`` (at least a millisecond), raising ``BlockingIOError``; None: wait for ever.
+
+        The kernel keeps the timeout in whole clock ticks, rounded up.
+        """
+        if seconds is None:
+            whole = micro = 0
+        else:
+            whole = int(seconds)
+            micro = max(int((seconds - whole) * 1e6), 0 if whole else 1000)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micro))
 
     def pending(self):
         return 0

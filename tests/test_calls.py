@@ -496,6 +496,75 @@ class Timeouts(HubCase):
         self.assertEqual(p.echo('fresh'), 'fresh')
         self.assertEqual(p.echo('fresh again'), 'fresh again')
 
+class Caller:
+    """Calls back a client's object, from a method or from a thread of its own."""
+
+    def __init__(self):
+        self.callback = None
+
+    def save(self, callback):
+        self.callback = callback
+
+    def ping(self, value):
+        return self.callback.ping(value)
+
+    def ping_later(self, value):
+        done = threading.Event()
+        answers = []
+        threading.Thread(target=lambda: (answers.append(self.callback.ping(value)), done.set())).start()
+        done.wait(TIMEOUT)
+        return answers
+
+    def slow_echo(self, seconds, value):
+        time.sleep(seconds)
+        return value
+
+
+class Pinged:
+    def ping(self, value):
+        return ('pong', value)
+
+
+class TimedReads(HubCase):
+    """A reader with a deadline sleeps in recv under the socket's own timeout; a reader without one still waits for ever."""
+
+    def idle(self, seconds):
+        """Let the connections sit idle, past the timeouts under test."""
+        threading.Event().wait(seconds)
+
+    def test_a_reply_that_comes_after_the_sockets_own_timeout_but_in_time_is_read(self):
+        p = self.serve(Caller(), timeout=1.5)
+        self.assertEqual(p.slow_echo(0, 'first'), 'first')
+        # The socket's timeout is 0.9 of the call's, 1.35 s: this reply comes after it.
+        self.assertEqual(p.slow_echo(1.4, 'late'), 'late')
+        self.assertEqual(p.slow_echo(0, 'after'), 'after')
+
+    def test_a_server_connection_read_with_a_deadline_serves_on_after_it(self):
+        self.hub.call_timeout = 0.2
+        p = self.serve(Caller())
+        p.save(dopy.ref(Pinged()))
+        connection = p._dopy_link.connection
+        # Called back from the method, on the connection's own thread: it
+        # reads the reply itself, with the server's 0.2 s deadline.
+        self.assertEqual(p.ping(1), ('pong', 1))
+        self.idle(0.5)
+        self.assertEqual(p.ping(2), ('pong', 2))
+        self.assertEqual(p.slow_echo(0, 'still'), 'still')
+        self.assertIs(p._dopy_link.connection, connection)
+        self.assertFalse(connection.closed)
+
+    def test_a_client_connection_read_with_a_deadline_serves_callbacks_after_it(self):
+        p = self.serve(Caller(), timeout=0.2)
+        self.assertEqual(p.slow_echo(0, 'timed'), 'timed')
+        connection = p._dopy_link.connection
+        # From now on the client's own thread reads, with no deadline.
+        p.save(dopy.ref(Pinged()))
+        self.idle(0.5)
+        self.assertEqual(p.ping_later(3), [('pong', 3)])
+        self.assertIs(p._dopy_link.connection, connection)
+        self.assertFalse(connection.closed)
+
+
 @each_mode()
 class TcpTimeouts(HubCase):
     def test_late_reply_on_a_shared_connection_is_discarded_by_id(self):
