@@ -418,19 +418,17 @@ class Connection:
                 if frame is None:
                     continue
             kind = frame.kind
+            method = None
             if kind != call_kind:
                 if kind != wire.ONEWAY:
                     handle(frame)
                     continue
                 call = dispatch.prepare(lookup, frame, self.loads)
-                self._step_aside()
-                self.run(frame, call)
             else:
                 try:
                     message = loads(frame)
                 except Exception as exc:
                     message = dispatch.unpicklable(exc)
-                method = None
                 if type(message) is tuple and len(message) == 4:
                     name, method_name, args, kwargs = message
                     try:
@@ -445,36 +443,36 @@ class Connection:
                 if method is None:
                     call = (message if type(message) is dispatch.Call
                             else self._prepare_checked(message, checked))
-                    message = None
-                    self._step_aside()
-                    self.run(frame, call)
+                message = None
+            # Given up while the call runs, so that a thread that waits for a
+            # reply here may read it meanwhile: _step_aside() spelt out, a
+            # Python frame (about 450 instructions) fewer on every call.
+            del role[_READER]
+            if self._sleepers:
+                self._wake()
+            if method is None:
+                self.run(frame, call)
+            else:
+                try:
+                    value = method(*args, **kwargs)
+                except BaseException as exc:
+                    args = kwargs = None
+                    self.reply(frame, dispatch.failed((name, method_name), exc))
                 else:
-                    message = None
-                    # Given up while the method runs: a thread that waits
-                    # for a reply here may read it meanwhile.
-                    del role[_READER]
-                    if self._sleepers:
-                        self._wake()
-                    try:
-                        value = method(*args, **kwargs)
-                    except BaseException as exc:
-                        args = kwargs = None
-                        self.reply(frame, dispatch.failed((name, method_name), exc))
+                    # Let go of the arguments before the reply: the
+                    # references among them are released ahead of it.
+                    args = kwargs = None
+                    if type(value) in plain:
+                        data = plain_frame(reply_kind, frame.request_id, value)
+                        value = None
+                        send_lock.acquire()
+                        try:
+                            send_frame(data, None)
+                        finally:
+                            send_lock.release()
                     else:
-                        # Let go of the arguments before the reply: the
-                        # references among them are released ahead of it.
-                        args = kwargs = None
-                        if type(value) in plain:
-                            data = plain_frame(reply_kind, frame.request_id, value)
-                            value = None
-                            send_lock.acquire()
-                            try:
-                                send_frame(data, None)
-                            finally:
-                                send_lock.release()
-                        else:
-                            self.reply(frame, dispatch.Outcome((name, method_name), True, value))
-                            value = None
+                        self.reply(frame, dispatch.Outcome((name, method_name), True, value))
+                        value = None
             if role.setdefault(_READER, me) == me and not mailbox:
                 continue
             self._take_back_reading()

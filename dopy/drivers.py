@@ -24,19 +24,21 @@ from . import dispatch
 from .futures import CallFuture, LoopFuture
 from .hub import THRD_CONN, THRD_FUNC
 
-__all__ = ['ThreadDriver', 'PoolDriver', 'LoopDriver', 'driver_for']
+__all__ = ['Driver', 'ThreadDriver', 'PoolDriver', 'LoopDriver', 'driver_for']
 
 log = logging.getLogger('dopy.connection')
 
 
-class ThreadDriver:
-    """THRD_CONN: the connection's own thread reads it and runs its calls."""
+class Driver:
+    """What every mode does alike: calls run where they were read, a failed reply closes the connection."""
 
     # Threads read: a caller may read its own reply, and a connection may
     # have a reader thread of its own (``Connection.start_reader``).
     threaded = True
     # The thread that serves a connection is its owner, and runs its calls.
-    owns = True
+    owns = False
+    # None: the channel waits for a slow peer in poll.
+    wait_writable = None
 
     def attach(self, connection, stream):
         """``connection``, over ``stream``, is new: see that it is read."""
@@ -48,7 +50,11 @@ class ThreadDriver:
         return CallFuture(name, method)
 
     def run_call(self, connection, frame):
-        """A CALL or ONEWAY ``frame`` that ``connection``'s reader has read: run it where this mode runs calls."""
+        """A CALL or ONEWAY ``frame`` that ``connection``'s reader has read: run it where this mode runs calls.
+
+        Here: on the connection's owner, if it has one and another thread
+        read the frame, else on the thread that read it.
+        """
         owner = connection.owner
         if owner is not None and owner != get_ident():
             connection.post(frame)
@@ -63,14 +69,15 @@ class ThreadDriver:
         """A call waits for its reply (``waiter.done``): it reads for it while no other thread does."""
         connection.read_until(waiter, deadline)
 
-    # None: the channel waits for a slow peer in poll.
-    wait_writable = None
+
+class ThreadDriver(Driver):
+    """THRD_CONN: the connection's own thread reads it and runs its calls."""
+
+    owns = True
 
 
-class PoolDriver(ThreadDriver):
+class PoolDriver(Driver):
     """THRD_FUNC: a reader thread reads the connection; each call runs on the hub's pool."""
-
-    owns = False
 
     def __init__(self, hub):
         self._submit = hub.submit
@@ -87,11 +94,10 @@ class PoolDriver(ThreadDriver):
         log.debug('reply to %s not sent: %s', connection.peer, exc)
 
 
-class LoopDriver:
+class LoopDriver(Driver):
     """THRD_NONE: the hub's loop reads every connection and runs every call."""
 
     threaded = False
-    owns = False
 
     def __init__(self, hub):
         self._loop = hub.loop
@@ -106,12 +112,6 @@ class LoopDriver:
 
     def new_future(self, name, method):
         return LoopFuture(name, method, self._loop)
-
-    def run_call(self, connection, frame):
-        connection.reply(frame, dispatch.run(connection.lookup, frame, connection.loads))
-
-    def reply_failed(self, connection, exc):
-        raise exc
 
     def wait(self, connection, waiter, deadline):
         """A call waits for its reply (``waiter.done``): the loop runs, serving everyone, until it comes."""
