@@ -66,6 +66,9 @@ __all__ = ['Connection']
 log = logging.getLogger('dopy.connection')
 
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
+_CALL = wire.CALL
+_REPLY = wire.REPLY
+_plain_frame = wire.plain_frame
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _wire_state = proxy.wire_state
 _pickle_loads = pickle.loads
@@ -171,6 +174,69 @@ class Connection:
         Raises the remote exception, rebuilt (see ``dopy.remote_exc``), or a
         ``CommunicationError``.  The call is sent at most once.
         """
+        common = timeout is None and not kwargs and self._direct and not self._released
+        if common:
+            for arg in args:
+                if type(arg) not in _PLAIN_TYPES:
+                    common = False
+                    break
+        role = self._role
+        me = get_ident()
+        if not common or _READER in role or role.setdefault(_READER, me) != me:
+            return self._call(name, method, args, kwargs, timeout)
+        # The common call, every call's path while one thread at a time
+        # calls: no deadline, positional arguments of plain types, and a
+        # reply that this thread, which has just taken the reading role,
+        # reads itself off a socket.  No waiter, no thread to wake, and a
+        # Python frame only where one is due: about the floor's cost.
+        try:
+            request_id = self._next_id()
+            data = _plain_frame(_CALL, request_id, (name, method, args, kwargs))
+            send_lock = self._send_lock
+            send_lock.acquire()
+            try:
+                # _send_frame's last step: no RELEASE was due, and a socket
+                # closed meanwhile refuses the send.
+                self._channel_send(data, None)
+            except BaseException as exc:
+                raise self._send_failed(exc)
+            finally:
+                send_lock.release()
+            recv = self._recv_wait
+            if recv is None or me in _owners or self._channel.recv_timeout is not None:
+                frame = self._read_frame(None)
+            else:
+                # _read_frame's own first step, a Python frame fewer.
+                receive = self._decoder.receive
+                try:
+                    frame = receive(recv)
+                    while frame is None:  # part of a frame came
+                        frame = receive(recv)
+                except Exception as exc:
+                    raise self._receive_failed(exc)
+            while frame.request_id != request_id or frame.kind not in _ANSWERS:
+                self.handle(frame)
+                frame = self._read_frame(None)
+            if frame.kind == _REPLY and not frame.references and not frame.buffers:
+                try:
+                    return _pickle_loads(frame.data)
+                except Exception as exc:
+                    value, error = unpickling_failed(frame.kind, exc, name, method)
+            else:
+                value, error = self._unpack(frame, name, method)
+        finally:
+            # _give_up_reading(), a Python frame fewer.  A proxy that let go
+            # of the connection meanwhile has closed it: this call was not
+            # in the call table to keep it open.
+            del role[_READER]
+            if self._sleepers or self.closed:
+                self._after_reading()
+        if error is not None:
+            raise error
+        return value
+
+    def _call(self, name, method, args, kwargs, timeout):
+        """``call``, any call."""
         deadline = None if timeout is None else _monotonic() + timeout
         role = self._role
         me = get_ident()
@@ -179,8 +245,7 @@ class Connection:
             request_id = self._send_call(wire.CALL, waiter, args, kwargs, deadline, name, method)
             return self._await(waiter, request_id, deadline, timeout)
         # No thread read: this one has taken the role, and reads its own
-        # reply.  Every call's path when one thread at a time calls, kept
-        # short: no lock, no waiter to register, no other thread to wake.
+        # reply: no lock, no waiter to register, no other thread to wake.
         waiter = None
         try:
             request_id = self._send_call(wire.CALL, None, args, kwargs, deadline, name, method)
@@ -772,6 +837,11 @@ class Connection:
     def _give_up_reading(self):
         """This thread stops reading: wake the waiting threads, one of which will read next."""
         del self._role[_READER]
+        if self._sleepers or self.closed:
+            self._after_reading()
+
+    def _after_reading(self):
+        """What a thread that has just given up reading owes the others: to wake them, and to close a socket closed meanwhile."""
         if self._sleepers:
             self._wake()
         if self.closed:

@@ -29,6 +29,7 @@ be reached over the connection that brought it does not pickle there.
 
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 import weakref
@@ -41,6 +42,7 @@ from .hub import getHub
 # A connection in use is asked whether its peer hung up at most this often
 # (seconds): a call sooner than that after the peer closed may fail, unsent again.
 HANG_UP_CHECK_INTERVAL = 0.5
+_ASK_EVERY_TIME = -math.inf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -115,8 +117,9 @@ class _Link:
         # ago, with no call of this proxy's to tell, and the call can go
         # over a new connection instead; so it is checked before every call.
         self.borrowed = False
-        # When the connection was last found alive (time.monotonic()).
-        self.checked_at = 0.0
+        # When the connection was last found alive (time.monotonic()); minus
+        # infinity while it is to be asked before every call.
+        self.checked_at = _ASK_EVERY_TIME
         self.lock = threading.Lock()
         self.closed = False
 
@@ -124,14 +127,14 @@ class _Link:
         """The connection, asked whether its peer hung up; a new one if it did, or if there is none."""
         connection = self.connection
         if connection is not None and connection.check_alive():
-            self.checked_at = _monotonic()
+            self._checked()
             return connection
         with self.lock:
             if self.closed:
                 raise ConnectionClosedError('this proxy was closed')
             connection = self.connection
             if connection is not None and connection.check_alive():
-                self.checked_at = _monotonic()
+                self._checked()
                 return connection
             if connection is not None:
                 self.connection = None
@@ -145,8 +148,12 @@ class _Link:
             self.connection = connection
             self.borrowed = False
             # Just connected: as good as checked.
-            self.checked_at = _monotonic()
+            self._checked()
             return connection
+
+    def _checked(self):
+        """The connection was found alive just now."""
+        self.checked_at = _ASK_EVERY_TIME if self.borrowed else _monotonic()
 
     def failed(self, connection, error):
         """A call over ``connection`` raised ``error``: see that the next call opens a new connection if it must."""
@@ -162,6 +169,7 @@ class _Link:
         with self.lock:
             old, self.connection = self.connection, connection
             self.borrowed = self.connect is not None
+            self.checked_at = _ASK_EVERY_TIME
             connection.acquire()
         if old is not None:
             old.release()
@@ -190,7 +198,7 @@ class _Link:
         connection = self.connection
         # Every call's path: a connection in use, checked for a hang-up
         # within the interval, is used as it is.
-        if (connection is None or connection.closed or self.borrowed
+        if (connection is None or connection.closed
                 or _monotonic() - self.checked_at >= HANG_UP_CHECK_INTERVAL):
             connection = self.get()
         try:
