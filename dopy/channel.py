@@ -82,6 +82,12 @@ class Channel:
         self.decoder = wire.Decoder(max_size)
         self._send = stream.send
         self._send_flags = stream.send_flags
+        # send_wait(data): the whole frame sent, however long the peer takes
+        # to make room for it, for a sender with no deadline.  The stream's
+        # own where it has one, which raises its OSError untranslated
+        # (``lost`` translates it): one system call and no Python frame, on
+        # every call's path.
+        self.send_wait = stream.send_wait or functools.partial(self.send, deadline=None)
         self._wait_writable = wait_writable or self._poll_writable
         # The stream's receive timeout (see ``receive_by``), or None while
         # a read waits for ever.  Only the reading thread sets it.

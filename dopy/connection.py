@@ -97,7 +97,7 @@ class Connection:
     # CPython keeps in an instance's shared-key values, and every call's
     # path reads a dozen of them.
     __slots__ = ('peer', '_on_close', 'hub', '_serial', '_stream', '_driver', '_threaded',
-                 'write_fd', '_channel', '_channel_send', '_decoder', 'next_frame', '_send_lock',
+                 'write_fd', '_channel', '_channel_send', '_send_wait', '_decoder', 'next_frame', '_send_lock',
                  '_lock', '_cond', '_sleepers', '_calls', '_next_id', '_role', '_reader_thread',
                  '_direct', '_serving', 'owner', '_mailbox', '_owner_waits_on', '_wake_fds',
                  '_owner_reads_elsewhere', '_refs', '_released', 'closed', '_users',
@@ -116,6 +116,7 @@ class Connection:
                                 None if driver.wait_writable is None
                                 else lambda deadline: driver.wait_writable(self, deadline))
         self._channel_send = self._channel.send
+        self._send_wait = self._channel.send_wait
         self._decoder = self._channel.decoder
         self.next_frame = self._decoder.next_frame
         self._send_lock = threading.RLock()
@@ -195,15 +196,15 @@ class Connection:
             send_lock = self._send_lock
             send_lock.acquire()
             try:
-                # _send_frame's last step: no RELEASE was due, and a socket
-                # closed meanwhile refuses the send.
-                self._channel_send(data, None)
+                # _send_frame's last step, with no deadline: no RELEASE was
+                # due, and a socket closed meanwhile refuses the send.
+                self._send_wait(data)
             except BaseException as exc:
                 raise self._send_failed(exc)
             finally:
                 send_lock.release()
             recv = self._recv_wait
-            if recv is None or me in _owners or self._channel.recv_timeout is not None:
+            if recv is None or me in _owners:
                 frame = self._read_frame(None)
             else:
                 # _read_frame's own first step, a Python frame fewer.
@@ -212,18 +213,20 @@ class Connection:
                     frame = receive(recv)
                     while frame is None:  # part of a frame came
                         frame = receive(recv)
+                except BlockingIOError:
+                    # The receive timeout that a call with a deadline left
+                    # on the socket: _read_frame lets it go, and reads on.
+                    frame = self._read_frame(None)
                 except Exception as exc:
                     raise self._receive_failed(exc)
-            while frame.request_id != request_id or frame.kind not in _ANSWERS:
-                self.handle(frame)
-                frame = self._read_frame(None)
-            if frame.kind == _REPLY and not frame.references and not frame.buffers:
+            if (frame.request_id != request_id or frame.kind != _REPLY
+                    or frame.references or frame.buffers):
+                value, error = self._answer_of(request_id, frame, name, method)
+            else:
                 try:
                     return _pickle_loads(frame.data)
                 except Exception as exc:
                     value, error = unpickling_failed(frame.kind, exc, name, method)
-            else:
-                value, error = self._unpack(frame, name, method)
         finally:
             # _give_up_reading(), a Python frame fewer.  A proxy that let go
             # of the connection meanwhile has closed it: this call was not
@@ -234,6 +237,13 @@ class Connection:
         if error is not None:
             raise error
         return value
+
+    def _answer_of(self, request_id, frame, name, method):
+        """The ``(value, exception)`` of the call ``request_id``, reading from ``frame`` on: the frames before its answer are handled as they come."""
+        while frame.request_id != request_id or frame.kind not in _ANSWERS:
+            self.handle(frame)
+            frame = self._read_frame(None)
+        return self._unpack(frame, name, method)
 
     def _call(self, name, method, args, kwargs, timeout):
         """``call``, any call."""
@@ -452,7 +462,6 @@ class Connection:
         """
         role = self._role
         mailbox = self._mailbox
-        channel = self._channel
         receive = self._decoder.receive
         recv = self._recv_wait
         read_frame = self._read_frame
@@ -465,19 +474,22 @@ class Connection:
         # objects; and by two plain keys, not a tuple made on every call.
         checked = {}
         loads = self.loads
-        plain_frame = wire.plain_frame
         send_frame = self._send_frame
+        send_wait = self._send_wait
         plain = _PLAIN_TYPES
         call_kind, reply_kind = wire.CALL, wire.REPLY
         send_lock = self._send_lock
         while True:
-            if recv is None or self.closed or channel.recv_timeout is not None:
-                # read_frame lets a receive timeout that a thread reading
-                # with a deadline left behind go, and reads on.
+            if recv is None or self.closed:
                 frame = read_frame(None)
             else:
                 try:
                     frame = receive(recv)
+                except BlockingIOError:
+                    # The receive timeout that a thread reading with a
+                    # deadline left on the socket: read_frame lets it go,
+                    # and reads on.
+                    frame = read_frame(None)
                 except Exception as exc:
                     raise self._receive_failed(exc)
                 if frame is None:
@@ -491,15 +503,19 @@ class Connection:
                 call = dispatch.prepare(lookup, frame, self.loads)
             else:
                 try:
-                    message = loads(frame)
+                    # A frame of plain values is a pickle and no more (see loads).
+                    if frame.references or frame.buffers:
+                        message = loads(frame)
+                    else:
+                        message = _pickle_loads(frame.data)
                 except Exception as exc:
                     message = dispatch.unpicklable(exc)
-                if type(message) is tuple and len(message) == 4:
-                    name, method_name, args, kwargs = message
+                if type(message) is tuple:
                     try:
+                        name, method_name, args, kwargs = message
                         entry = checked[method_name].get(name)
-                    except (KeyError, TypeError):
-                        entry = None  # unhashable: dispatch says why
+                    except (ValueError, KeyError, TypeError):
+                        entry = None  # not four items, or unhashable: dispatch says why
                     if (entry is not None and registry.get(name) is entry
                             and type(args) is tuple and type(kwargs) is dict):
                         method = getattr(entry[0], method_name, None)
@@ -528,11 +544,18 @@ class Connection:
                     # references among them are released ahead of it.
                     args = kwargs = None
                     if type(value) in plain:
-                        data = plain_frame(reply_kind, frame.request_id, value)
+                        data = _plain_frame(reply_kind, frame.request_id, value)
                         value = None
                         send_lock.acquire()
                         try:
-                            send_frame(data, None)
+                            if self._released:
+                                send_frame(data, None)
+                            else:
+                                # _send_frame's last step, with no deadline.
+                                try:
+                                    send_wait(data)
+                                except BaseException as exc:
+                                    raise self._send_failed(exc)
                         finally:
                             send_lock.release()
                     else:
@@ -1065,6 +1088,8 @@ class Connection:
         if isinstance(exc, CommunicationError):
             self._shutdown(exc)
             return exc
+        if isinstance(exc, OSError):
+            return self._lost(self._channel.lost(exc))  # from a stream's send_wait
         # Interrupted (Ctrl-C, say) at a point that cannot be known: part
         # of a frame may have gone, and nothing can follow it.
         self._shutdown(ConnectionLostError(

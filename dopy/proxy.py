@@ -46,7 +46,6 @@ _ASK_EVERY_TIME = -math.inf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from concurrent.futures import Future
 
     from .connection import Connection
 
@@ -193,22 +192,6 @@ class _Link:
         if connection is not None:
             connection.release()
 
-    def call(self, name, method, args, kwargs, timeout, send=None):
-        """Call ``method`` of the remote object ``name``: with the connection's ``call``, or its method named ``send``."""
-        connection = self.connection
-        # Every call's path: a connection in use, checked for a hang-up
-        # within the interval, is used as it is.
-        if (connection is None or connection.closed
-                or _monotonic() - self.checked_at >= HANG_UP_CHECK_INTERVAL):
-            connection = self.get()
-        try:
-            if send is None:
-                return connection.call(name, method, args, kwargs, timeout)
-            return getattr(connection, send)(name, method, args, kwargs, timeout)
-        except BaseException as exc:
-            self.failed(connection, exc)
-            raise
-
 
 def _abandoned(error):
     """True if ``error`` is the caller giving up on a call in flight, not its outcome nor a failed connection.
@@ -307,22 +290,22 @@ class RemoteObject(_Stubs):
             self._dopy_fetched = None
             if fetched.thread == threading.get_ident() and fetched.iterator() is not None:
                 return fetched.count
-        return self._dopy_call('__len__', (), {})
+        return self._dopy_call('__len__', ())
 
     def __contains__(self, item: object) -> bool:
-        return self._dopy_call('__contains__', (item,), {})
+        return self._dopy_call('__contains__', (item,))
 
     def __getitem__(self, key: Any) -> Any:
-        return self._dopy_call('__getitem__', (key,), {})
+        return self._dopy_call('__getitem__', (key,))
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._dopy_call('__setitem__', (key, value), {})
+        self._dopy_call('__setitem__', (key, value))
 
     def __delitem__(self, key: Any) -> None:
-        self._dopy_call('__delitem__', (key,), {})
+        self._dopy_call('__delitem__', (key,))
 
     def __iter__(self) -> Iterator[Any]:
-        items = self._dopy_call('__iter__', (), {})
+        items = self._dopy_call('__iter__', ())
         fetched = _Fetched(len(items))
         iterator = _iterate(self, fetched, items)
         fetched.iterator = weakref.ref(iterator)
@@ -345,8 +328,8 @@ class RemoteObject(_Stubs):
     def __exit__(self, *exc_info: object) -> None:
         self._dopy_link.close()
 
-    def _dopy_call(self, method, args, kwargs):
-        return self._dopy_link.call(self._dopy_name, method, args, kwargs, self._dopy_timeout)
+    def _dopy_call(self, method, args):
+        return _caller(self._dopy_link, self._dopy_name, method, self._dopy_timeout)(*args)
 
 
 class _Fetched:
@@ -376,24 +359,40 @@ def _method_stub(link, name, method, timeout, ref):
     link, not the proxy: a proxy keeps its stubs, and a cycle would keep
     the proxy, and its connection, alive until the garbage collector ran.
     """
-    # Plain functions: a call of one from Python code enters no C code on
-    # its way (a __call__ method would), every call's path.
-    def remote_method(*args, **kwargs):
-        return link.call(name, method, args, kwargs, timeout)
-
-    def future(*args: Any, **kwargs: Any) -> Future[Any]:
-        """Start the call and return a ``concurrent.futures.Future`` of its result."""
-        return link.call(name, method, args, kwargs, timeout, 'call_async')
-
-    def oneway(*args: Any, **kwargs: Any) -> None:
-        """Send the call and return None at once, without waiting for it to run."""
-        link.call(name, method, args, kwargs, timeout, 'call_oneway')
-
+    remote_method = _caller(link, name, method, timeout)
+    future = _caller(link, name, method, timeout, 'call_async')
+    oneway = _caller(link, name, method, timeout, 'call_oneway')
     remote_method.__name__ = method
     remote_method.__qualname__ = f'remote method {method} of {ref}'
     remote_method.__doc__ = f'Call {method}() of the remote object {ref} and return its result.'
+    future.__name__ = future.__qualname__ = 'future'
+    future.__doc__ = 'Start the call and return a ``concurrent.futures.Future`` of its result.'
+    oneway.__name__ = oneway.__qualname__ = 'oneway'
+    oneway.__doc__ = 'Send the call and return None at once, without waiting for it to run.'
     remote_method.future = future
     remote_method.oneway = oneway
+    return remote_method
+
+
+def _caller(link, name, method, timeout, how=None):
+    """A function that calls ``method`` of the remote object ``name`` over ``link``: with the connection's ``call``, or its method named ``how``."""
+    # A plain function: a call of one from Python code enters no C code on
+    # its way (a __call__ method would); and it does the link's part
+    # itself, with no Python frame of the link's on every call's path.
+    def remote_method(*args, **kwargs):
+        connection = link.connection
+        # A connection in use, checked for a hang-up within the interval,
+        # is used as it is.
+        if (connection is None or connection.closed
+                or _monotonic() - link.checked_at >= HANG_UP_CHECK_INTERVAL):
+            connection = link.get()
+        try:
+            if how is None:
+                return connection.call(name, method, args, kwargs, timeout)
+            return getattr(connection, how)(name, method, args, kwargs, timeout)
+        except BaseException as exc:
+            link.failed(connection, exc)
+            raise
     return remote_method
 
 

@@ -6,7 +6,10 @@ block and raise ``OSError`` (``BlockingIOError`` when they would block);
 ``send_flags``: a socket's ``send`` is the socket's, given
 ``MSG_DONTWAIT``, with no Python frame on every send.  ``recv_wait``, when
 not None, is a ``recv_into`` that sleeps until data comes: one system call
-instead of a ``poll`` and a read.  A stream that has one has
+instead of a ``poll`` and a read.  ``send_wait``, when not None, is a
+``sendall`` that sleeps until all of its data has gone, for a sender with no
+deadline: one system call, and no Python frame.  A stream that has a
+``recv_wait`` has
 ``set_recv_timeout(seconds)`` too, which bounds that sleep, so that a reader
 with a deadline can use it as well.  ``shutdown()`` wakes
 any thread waiting to read and may be called from any thread;
@@ -85,6 +88,7 @@ class SocketStream:
         self.recv_into = functools.partial(sock.recv_into, flags=_DONTWAIT)
         # The socket's own send (see send_flags): no Python frame on every send.
         self.send = sock.send
+        self.send_wait = sock.sendall
 
     def sendmsg(self, views):
         return self.sock.sendmsg(views, (), _DONTWAIT)
@@ -221,6 +225,7 @@ class TLSStream:
 
     wake_fd = None
     recv_wait = None
+    send_wait = None
     send_flags = 0
 
     def __init__(self, sock):
@@ -278,6 +283,7 @@ class PipeStream:
     """
 
     recv_wait = None
+    send_wait = None
     send_flags = 0
 
     def __init__(self, read_fd, write_fd, on_close=None):

@@ -357,8 +357,15 @@ class Decoder:
                 head, request_id, length = _SHORT_HEADER.unpack_from(staging)
                 known = _BUFFERLESS.get(head)
                 if known is not None and length == received - _HEADER_SIZE and length <= self.max_size:
-                    # One whole frame and nothing more.
-                    return _new_frame(known[0], request_id, staging[_HEADER_SIZE:received], (), known[1])
+                    # One whole frame and nothing more: every call's path,
+                    # where _new_frame's Python frame would cost a third of
+                    # what making the Frame does.
+                    frame = _object_new(Frame)
+                    frame.kind, frame.references = known
+                    frame.request_id = request_id
+                    frame.data = staging[_HEADER_SIZE:received]
+                    frame.buffers = ()
+                    return frame
             self._end = received
             self._parse()
             return self.next_frame()
