@@ -92,6 +92,7 @@ _REFERENCES = 1 << 15
 # valid frame that has no buffers -> (kind, references).  One dictionary
 # lookup checks magic, version, kind and buffer count at once.
 _SHORT_HEADER = struct.Struct('!8sQQ')
+_unpack_short_header = _SHORT_HEADER.unpack_from
 _BUFFERLESS = {_PREFIX + struct.pack('!BH', kind, flags): (kind, flags == _REFERENCES)
                for kind in KINDS for flags in (0, _REFERENCES)}
 
@@ -353,19 +354,21 @@ class Decoder:
             received = recv(staging)
             if not received:
                 raise EOFError('end of stream')
-            if received > _HEADER_SIZE:
-                head, request_id, length = _SHORT_HEADER.unpack_from(staging)
-                known = _BUFFERLESS.get(head)
-                if known is not None and length == received - _HEADER_SIZE and length <= self.max_size:
-                    # One whole frame and nothing more: every call's path,
-                    # where _new_frame's Python frame would cost a third of
-                    # what making the Frame does.
-                    frame = _object_new(Frame)
-                    frame.kind, frame.references = known
-                    frame.request_id = request_id
-                    frame.data = staging[_HEADER_SIZE:received]
-                    frame.buffers = ()
-                    return frame
+            # Read whatever came (the staging buffer is longer than a
+            # header): a header that did not all come declares a length
+            # that cannot match.
+            head, request_id, length = _unpack_short_header(staging)
+            known = _BUFFERLESS.get(head)
+            if known is not None and length == received - _HEADER_SIZE and length <= self.max_size:
+                # One whole frame and nothing more: every call's path,
+                # where _new_frame's Python frame would cost a third of
+                # what making the Frame does.
+                frame = _object_new(Frame)
+                frame.kind, frame.references = known
+                frame.request_id = request_id
+                frame.data = staging[_HEADER_SIZE:received]
+                frame.buffers = ()
+                return frame
             self._end = received
             self._parse()
             return self.next_frame()
