@@ -4,8 +4,10 @@ A ``Channel`` sends frames, already encoded, on a stream (``dopy.streams``)
 and reads frames from it through the wire's decoder.  It knows nothing of
 calls, threads or references: what a failure means for a connection is the
 connection's to decide.  It never blocks past a deadline
-(``time.monotonic()``; None means no limit): a send never blocks in the
-kernel, and waits in ``poll`` while the peer is slow to read.
+(``time.monotonic()``; None means no limit): a send with a deadline never
+blocks in the kernel, and waits in ``poll`` while the peer is slow to read;
+``send_wait``, for a sender with no deadline, may sleep in the kernel
+instead, as long as the peer takes.
 
 What it raises is DOPY's:
 
@@ -84,10 +86,14 @@ class Channel:
         self._send_flags = stream.send_flags
         # send_wait(data): the whole frame sent, however long the peer takes
         # to make room for it, for a sender with no deadline.  The stream's
-        # own where it has one, which raises its OSError untranslated
-        # (``lost`` translates it): one system call and no Python frame, on
-        # every call's path.
-        self.send_wait = stream.send_wait or functools.partial(self.send, deadline=None)
+        # own where it has one and nothing else is to be served meanwhile
+        # (a loop's wait_writable is): it raises its OSError untranslated
+        # (``lost`` translates it), and it is one system call and no Python
+        # frame, on every call's path.
+        if stream.send_wait is not None and wait_writable is None:
+            self.send_wait = stream.send_wait
+        else:
+            self.send_wait = functools.partial(self.send, deadline=None)
         self._wait_writable = wait_writable or self._poll_writable
         # The stream's receive timeout (see ``receive_by``), or None while
         # a read waits for ever.  Only the reading thread sets it.

@@ -28,12 +28,16 @@ calls do not deadlock.  A connection that must read while no thread waits
 ``start_reader``; it is the connection's, and ``close`` joins it.
 
 No read or send ever blocks past the call's deadline (``time.monotonic()``;
-None means no limit): with a deadline a reader waits in ``poll``, without
-one it sleeps in the stream's ``recv_wait`` where there is one, and sends
-never block.  Several threads may call at once: sends are serialised by a
-lock, and each call's reply is found by its request id, so a late reply
-never answers a later call.  A RELEASE frame due goes out ahead of the next
-frame sent.  Nothing outlives the connection.
+None means no limit).  A reader sleeps in the stream's ``recv_wait`` where
+there is one, bounded by the socket's own receive timeout if it has a
+deadline, and in ``poll`` where there is none; a sender with a deadline
+never blocks in the kernel and waits in ``poll`` for room, and one without
+sleeps in the stream's ``send_wait``.  So the common call over a socket,
+one thread at a time, is one ``send`` and one ``recv``.  Several threads
+may call at once: sends are serialised by a lock, and each call's reply is
+found by its request id, so a late reply never answers a later call.  A
+RELEASE frame due goes out ahead of the next frame sent.  Nothing outlives
+the connection.
 
 Its frames go out and come in through the channel, the one place where an
 ``OSError`` becomes one of DOPY's errors; the connection decides what each
@@ -68,6 +72,7 @@ log = logging.getLogger('dopy.connection')
 _ANSWERS = frozenset((wire.REPLY, wire.ERROR))
 _CALL = wire.CALL
 _REPLY = wire.REPLY
+_ONEWAY = wire.ONEWAY
 _plain_frame = wire.plain_frame
 _PLAIN_TYPES = wire.PLAIN_TYPES
 _wire_state = proxy.wire_state
@@ -97,8 +102,8 @@ class Connection:
     # CPython keeps in an instance's shared-key values, and every call's
     # path reads a dozen of them.
     __slots__ = ('peer', '_on_close', 'hub', '_serial', '_stream', '_driver', '_threaded',
-                 'write_fd', '_channel', '_channel_send', '_send_wait', '_decoder', 'next_frame', '_send_lock',
-                 '_lock', '_cond', '_sleepers', '_calls', '_next_id', '_role', '_reader_thread',
+                 'write_fd', '_channel', '_channel_send', '_send_wait', '_decoder', 'next_frame',
+                 '_send_lock', '_lock', '_cond', '_sleepers', '_calls', '_next_id', '_role', '_reader_thread',
                  '_direct', '_serving', 'owner', '_mailbox', '_owner_waits_on', '_wake_fds',
                  '_owner_reads_elsewhere', '_refs', '_released', 'closed', '_users',
                  '_close_when_unused', '_error', '_recv_wait', '__weakref__')
@@ -387,10 +392,17 @@ class Connection:
 
     def _register(self, request_id, waiter):
         """Have the reply to ``request_id`` answer ``waiter``."""
-        with self._lock:
+        # acquire() and release() rather than ``with``, here and in
+        # _answer, on every pipelined call's path: on 3.11 the with
+        # statement costs twice as much.
+        lock = self._lock
+        lock.acquire()
+        try:
             if self.closed:
                 raise _fresh(self._error)
             self._calls.add(request_id, waiter)
+        finally:
+            lock.release()
 
     def start_reader(self):
         """Read in a thread of the connection's own from now on (in THRD_NONE the loop reads). Idempotent."""
@@ -458,7 +470,8 @@ class Connection:
         that unpickle and a result of a plain type, takes the fewest steps
         that can be: its object and method name found checked before (and
         the object still published under that name) skip dispatch's checks.
-        Anything else takes dispatch's path, which says why it fails.
+        A oneway call takes the same steps, but for the reply.  Anything else
+        takes dispatch's path, which says why it fails.
         """
         role = self._role
         mailbox = self._mailbox
@@ -466,7 +479,6 @@ class Connection:
         recv = self._recv_wait
         read_frame = self._read_frame
         handle = self.handle
-        lookup = self.lookup
         registry = self.hub.registry
         # method name -> object name -> the registry entry they were found
         # public in: good for as long as the name still maps to that entry.
@@ -477,7 +489,7 @@ class Connection:
         send_frame = self._send_frame
         send_wait = self._send_wait
         plain = _PLAIN_TYPES
-        call_kind, reply_kind = wire.CALL, wire.REPLY
+        call_kind, oneway_kind, reply_kind = wire.CALL, wire.ONEWAY, wire.REPLY
         send_lock = self._send_lock
         while True:
             if recv is None or self.closed:
@@ -495,36 +507,33 @@ class Connection:
                 if frame is None:
                     continue
             kind = frame.kind
+            if kind != call_kind and kind != oneway_kind:
+                handle(frame)
+                continue
             method = None
-            if kind != call_kind:
-                if kind != wire.ONEWAY:
-                    handle(frame)
-                    continue
-                call = dispatch.prepare(lookup, frame, self.loads)
-            else:
+            try:
+                # A frame of plain values is a pickle and no more (see loads).
+                if frame.references or frame.buffers:
+                    message = loads(frame)
+                else:
+                    message = _pickle_loads(frame.data)
+            except Exception as exc:
+                message = dispatch.unpicklable(exc)
+            if type(message) is tuple:
                 try:
-                    # A frame of plain values is a pickle and no more (see loads).
-                    if frame.references or frame.buffers:
-                        message = loads(frame)
-                    else:
-                        message = _pickle_loads(frame.data)
-                except Exception as exc:
-                    message = dispatch.unpicklable(exc)
-                if type(message) is tuple:
-                    try:
-                        name, method_name, args, kwargs = message
-                        entry = checked[method_name].get(name)
-                    except (ValueError, KeyError, TypeError):
-                        entry = None  # not four items, or unhashable: dispatch says why
-                    if (entry is not None and registry.get(name) is entry
-                            and type(args) is tuple and type(kwargs) is dict):
-                        method = getattr(entry[0], method_name, None)
-                        if not callable(method):
-                            method = None
-                if method is None:
-                    call = (message if type(message) is dispatch.Call
-                            else self._prepare_checked(message, checked))
-                message = None
+                    name, method_name, args, kwargs = message
+                    entry = checked[method_name].get(name)
+                except (ValueError, KeyError, TypeError):
+                    entry = None  # not four items, or unhashable: dispatch says why
+                if (entry is not None and registry.get(name) is entry
+                        and type(args) is tuple and type(kwargs) is dict):
+                    method = getattr(entry[0], method_name, None)
+                    if not callable(method):
+                        method = None
+            if method is None:
+                call = (message if type(message) is dispatch.Call
+                        else self._prepare_checked(message, checked))
+            message = None
             # Given up while the call runs, so that a thread that waits for a
             # reply here may read it meanwhile: _step_aside() spelt out, a
             # Python frame (about 450 instructions) fewer on every call.
@@ -543,7 +552,9 @@ class Connection:
                     # Let go of the arguments before the reply: the
                     # references among them are released ahead of it.
                     args = kwargs = None
-                    if type(value) in plain:
+                    if kind == oneway_kind:
+                        value = None  # wants no reply
+                    elif type(value) in plain:
                         data = _plain_frame(reply_kind, frame.request_id, value)
                         value = None
                         send_lock.acquire()
@@ -872,17 +883,21 @@ class Connection:
 
     def handle(self, frame):
         kind = frame.kind
-        if kind == wire.CALL or kind == wire.ONEWAY:
-            self._driver.run_call(self, frame)
-        elif kind == wire.REPLY or kind == wire.ERROR:
+        if kind in _ANSWERS:
             self._answer(frame)
+        elif kind == _CALL or kind == _ONEWAY:
+            self._driver.run_call(self, frame)
         else:
             self._release_exports(frame)
 
     def _answer(self, frame):
         """A REPLY or ERROR frame: the outcome of the call it answers, handed to whoever waits for it."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             waiter = self._calls.take(frame)
+        finally:
+            lock.release()
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
                       '(it came after a timeout or an interrupt)', frame.request_id, self.peer)
@@ -1059,7 +1074,10 @@ class Connection:
         if self.closed:
             raise _fresh(self._error)
         try:
-            self._channel_send(data, deadline)
+            if deadline is None:
+                self._send_wait(data)
+            else:
+                self._channel_send(data, deadline)
         except BaseException as exc:
             raise self._send_failed(exc)
 

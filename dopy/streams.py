@@ -77,8 +77,8 @@ class SocketStream:
     send_flags = _DONTWAIT
 
     def __init__(self, sock):
-        # A blocking socket, so that recv_wait can sleep in the kernel; every
-        # other operation passes MSG_DONTWAIT and never blocks.
+        # A blocking socket, so that recv_wait and send_wait can sleep in the
+        # kernel; every other operation passes MSG_DONTWAIT and never blocks.
         if sock.gettimeout() is not None:
             sock.settimeout(None)
         self.sock = sock

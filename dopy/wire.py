@@ -438,14 +438,17 @@ class Decoder:
             if (prefix != _PREFIX or kind not in KINDS or length > self.max_size
                     or length < nbuf * _LENGTH_SIZE):
                 _check_header(view, start, self.max_size)
-            header = (kind, nbuf, request_id, length, flags >= _REFERENCES)
+            references = flags >= _REFERENCES
+            header = (kind, nbuf, request_id, length, references)
             body = start + _HEADER_SIZE
             stop = body + length
             if stop > end:
                 self._start = start
                 self._await_body(header)
                 return
-            ready.append(_make_frame(header, bytes(view[body:stop])))
+            data = bytes(view[body:stop])
+            ready.append(_new_frame(kind, request_id, data, (), references) if not nbuf
+                         else _make_frame(header, data))
             start = stop
         if start == end:
             self._start = self._end = 0

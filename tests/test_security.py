@@ -266,6 +266,24 @@ class BadInput(HubCase):
         self.assertEqual(replies[7].kind, wire.ERROR)
         self.assertEqual((replies[8].kind, wire.loads(replies[8].data)), (wire.REPLY, 'after'))
 
+    def test_a_oneway_call_gets_no_reply_whatever_its_method_returns_or_raises(self):
+        sock = raw_client(self.server.port)
+        self.addCleanup(sock.close)
+
+        def frame(kind, request_id, *args):
+            return wire.encode(kind, request_id, ('obj', 'echo', args, {}))
+        # The first call has the server check echo, so that the oneway
+        # calls after it take its common path.
+        sock.sendall(frame(wire.CALL, 1, 'first') +
+                     frame(wire.ONEWAY, 2, 'a plain value') +
+                     frame(wire.ONEWAY, 3, ['a', 'list']) +
+                     frame(wire.ONEWAY, 4) +  # echo() raises TypeError
+                     wire.encode(wire.ONEWAY, 5, ('obj', 'nothing', (), {})) +
+                     frame(wire.CALL, 6, 'last'))
+        replies = replies_by_id(sock, 2)
+        self.assertEqual(sorted(replies), [1, 6])
+        self.assertEqual(wire.loads(replies[6].data), 'last')
+
     def test_a_reference_in_a_frame_not_flagged_for_references_is_an_error_reply(self):
         sock = raw_client(self.server.port)
         self.addCleanup(sock.close)
