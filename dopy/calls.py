@@ -57,9 +57,9 @@ class CallTable:
         """The caller gave up on ``request_id``: a reply to it will be discarded."""
         self._waiting.pop(request_id, None)
 
-    def take(self, frame):
-        """The waiter for the REPLY or ERROR ``frame``, no longer waiting; None if nobody waits for it."""
-        return self._waiting.pop(frame.request_id, None)
+    def take(self, request_id):
+        """The waiter for the reply to ``request_id``, no longer waiting; None if nobody waits for it."""
+        return self._waiting.pop(request_id, None)
 
     def take_all(self):
         """Every waiter, no longer waiting: the connection has ended."""

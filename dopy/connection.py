@@ -39,6 +39,8 @@ found by its request id, so a late reply never answers a later call.  A
 RELEASE frame due goes out ahead of the next frame sent.  Nothing outlives
 the connection.
 
+A frame read is a tuple, ``(kind, request_id, data, buffers, references)``
+(see ``wire.Frame``): ``frame[0]`` is its kind, ``frame[1]`` its request id.
 Its frames go out and come in through the channel, the one place where an
 ``OSError`` becomes one of DOPY's errors; the connection decides what each
 error means for it (closing, mostly).
@@ -224,14 +226,14 @@ class Connection:
                     frame = self._read_frame(None)
                 except Exception as exc:
                     raise self._receive_failed(exc)
-            if (frame.request_id != request_id or frame.kind != _REPLY
-                    or frame.references or frame.buffers):
+            kind, answers, data, buffers, references = frame
+            if answers != request_id or kind != _REPLY or references or buffers:
                 value, error = self._answer_of(request_id, frame, name, method)
             else:
                 try:
-                    return _pickle_loads(frame.data)
+                    return _pickle_loads(data)
                 except Exception as exc:
-                    value, error = unpickling_failed(frame.kind, exc, name, method)
+                    value, error = unpickling_failed(kind, exc, name, method)
         finally:
             # _give_up_reading(), a Python frame fewer.  A proxy that let go
             # of the connection meanwhile has closed it: this call was not
@@ -245,7 +247,7 @@ class Connection:
 
     def _answer_of(self, request_id, frame, name, method):
         """The ``(value, exception)`` of the call ``request_id``, reading from ``frame`` on: the frames before its answer are handled as they come."""
-        while frame.request_id != request_id or frame.kind not in _ANSWERS:
+        while frame[1] != request_id or frame[0] not in _ANSWERS:
             self.handle(frame)
             frame = self._read_frame(None)
         return self._unpack(frame, name, method)
@@ -273,7 +275,7 @@ class Connection:
             else:
                 while True:
                     frame = self._read_frame(deadline)
-                    if frame.request_id == request_id and frame.kind in _ANSWERS:
+                    if frame[1] == request_id and frame[0] in _ANSWERS:
                         value, error = self._unpack(frame, name, method)
                         break
                     self.handle(frame)
@@ -506,17 +508,17 @@ class Connection:
                     raise self._receive_failed(exc)
                 if frame is None:
                     continue
-            kind = frame.kind
+            kind, request_id, data, buffers, references = frame
             if kind != call_kind and kind != oneway_kind:
                 handle(frame)
                 continue
             method = None
             try:
                 # A frame of plain values is a pickle and no more (see loads).
-                if frame.references or frame.buffers:
+                if references or buffers:
                     message = loads(frame)
                 else:
-                    message = _pickle_loads(frame.data)
+                    message = _pickle_loads(data)
             except Exception as exc:
                 message = dispatch.unpicklable(exc)
             if type(message) is tuple:
@@ -555,7 +557,7 @@ class Connection:
                     if kind == oneway_kind:
                         value = None  # wants no reply
                     elif type(value) in plain:
-                        data = _plain_frame(reply_kind, frame.request_id, value)
+                        data = _plain_frame(reply_kind, request_id, value)
                         value = None
                         send_lock.acquire()
                         try:
@@ -788,8 +790,9 @@ class Connection:
         as much as unpickling a small message, and a frame of plain values
         needs none.
         """
-        if not frame.references:
-            return _pickle_loads(frame.data) if not frame.buffers else wire.load_frame(frame)
+        _, _, data, buffers, references = frame
+        if not references:
+            return _pickle_loads(data) if not buffers else wire.load_frame(frame)
         state = _wire_state
         saved, state.connection = state.connection, self
         try:
@@ -802,10 +805,10 @@ class Connection:
         try:
             value = self.loads(frame)
         except Exception as exc:
-            return unpickling_failed(frame.kind, exc, name, method)
-        if frame.kind == wire.REPLY:
+            return unpickling_failed(frame[0], exc, name, method)
+        if frame[0] == wire.REPLY:
             return value, None
-        return reply_outcome(frame.kind, value, name, method)
+        return reply_outcome(frame[0], value, name, method)
 
     def read_until(self, waiter, deadline):
         """Wait for ``waiter``'s reply, reading for it while no other thread reads (the threaded drivers' ``wait``)."""
@@ -882,7 +885,7 @@ class Connection:
             self._close_socket()
 
     def handle(self, frame):
-        kind = frame.kind
+        kind = frame[0]
         if kind in _ANSWERS:
             self._answer(frame)
         elif kind == _CALL or kind == _ONEWAY:
@@ -892,15 +895,16 @@ class Connection:
 
     def _answer(self, frame):
         """A REPLY or ERROR frame: the outcome of the call it answers, handed to whoever waits for it."""
+        request_id = frame[1]
         lock = self._lock
         lock.acquire()
         try:
-            waiter = self._calls.take(frame)
+            waiter = self._calls.take(request_id)
         finally:
             lock.release()
         if waiter is None:
             log.debug('discarding the reply to request %d from %s: no call awaits it '
-                      '(it came after a timeout or an interrupt)', frame.request_id, self.peer)
+                      '(it came after a timeout or an interrupt)', request_id, self.peer)
             return
         value, error = self._unpack(frame, waiter.name, waiter.method)
         if isinstance(waiter, Future):
@@ -923,15 +927,16 @@ class Connection:
         self.reply(frame, outcome)
 
     def reply(self, frame, outcome):
-        if frame.kind == wire.ONEWAY:
-            dispatch.log_oneway(frame.request_id, outcome)
+        kind, request_id = frame[0], frame[1]
+        if kind == wire.ONEWAY:
+            dispatch.log_oneway(request_id, outcome)
             return
         send_lock = self._send_lock
         try:
             if outcome.ok and type(outcome.value) in _PLAIN_TYPES:
                 # A value that can refer to no object is pickled with no
                 # wire state, and outside the send lock.
-                data = wire.plain_frame(wire.REPLY, frame.request_id, outcome.value)
+                data = wire.plain_frame(wire.REPLY, request_id, outcome.value)
                 send_lock.acquire()
                 try:
                     self._send_frame(data, None)
@@ -942,7 +947,7 @@ class Connection:
             try:
                 # The RELEASE due first, then the reply pickled: as in _send_call.
                 release = self._release_frame() if self._released else None
-                segments = self._in_wire_state(dispatch.reply_segments, frame.request_id, outcome, True)
+                segments = self._in_wire_state(dispatch.reply_segments, request_id, outcome, True)
                 self._send(segments, None, release)
             finally:
                 send_lock.release()

@@ -150,7 +150,7 @@ def run(lookup, frame, loads=wire.loads):
     try:
         label, method, args, kwargs = _find(lookup, frame, loads)
     except Exception as exc:
-        log.debug('refused call %d: %s', frame.request_id, exc)
+        log.debug('refused call %d: %s', frame[1], exc)  # its request id
         return _new(Outcome, (None, False, exc, None))
     return _invoke(label, method, args, kwargs)
 

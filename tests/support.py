@@ -167,13 +167,13 @@ def eventually(condition, what, timeout=TIMEOUT):
 
 
 def one_frame(data):
-    """The one whole frame that the bytes ``data`` hold."""
+    """The one whole frame that the bytes ``data`` hold, its fields named (``wire.Frame``)."""
     decoder = wire.Decoder()
     decoder.feed(data)
     frame = decoder.next_frame()
     if frame is None or decoder.next_frame() is not None:
         raise AssertionError(f'not one frame: {data!r:.60}')
-    return frame
+    return wire.Frame._make(frame)
 
 
 def raw_client(port, authkey=None):

@@ -27,14 +27,14 @@ class Table(unittest.TestCase):
         self.table.add(1, first)
         self.table.add(2, second)
         reply = one_frame(wire.encode(wire.REPLY, 2, 'two'))
-        self.assertIs(self.table.take(reply), second)
-        self.assertIsNone(self.table.take(reply))
+        self.assertIs(self.table.take(reply.request_id), second)
+        self.assertIsNone(self.table.take(reply.request_id))
         self.assertEqual(len(self.table), 1)
 
     def test_a_reply_after_the_caller_gave_up_finds_no_waiter(self):
         self.table.add(1, Waiter('obj', 'a'))
         self.table.discard(1)
-        self.assertIsNone(self.table.take(one_frame(wire.encode(wire.REPLY, 1, 'late'))))
+        self.assertIsNone(self.table.take(one_frame(wire.encode(wire.REPLY, 1, 'late')).request_id))
         self.table.discard(1)
         self.assertEqual(len(self.table), 0)
 

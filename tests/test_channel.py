@@ -23,7 +23,7 @@ class Channels(unittest.TestCase):
         self.left_sock, self.right_sock = left, right
 
     def read(self, channel, deadline=None):
-        """The next frame ``channel`` reads, waiting no longer than ``deadline``."""
+        """The next frame ``channel`` reads, its fields named, waiting no longer than ``deadline``."""
         while True:
             channel.wait_readable(deadline)
             try:
@@ -31,7 +31,7 @@ class Channels(unittest.TestCase):
             except BlockingIOError:
                 continue
             if frame is not None:
-                return frame
+                return wire.Frame._make(frame)
 
     def test_a_frame_sent_is_the_frame_read(self):
         self.left.send(wire.plain_frame(wire.CALL, 7, ('obj', 'echo', (42,), {})), None)

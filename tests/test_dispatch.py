@@ -49,11 +49,11 @@ def run(obj, name, method, args=(), kwargs=None, raw=None):
     decoder = wire.Decoder()
     for segment in segments:
         decoder.feed(segment)
-    frame = decoder.next_frame()
-    value = wire.loads(frame.data, frame.buffers)
-    if frame.kind == wire.ERROR:
-        return frame.request_id, remote_exc.unpack(value)
-    return frame.request_id, value
+    kind, request_id, data, buffers, _ = decoder.next_frame()
+    value = wire.loads(data, buffers)
+    if kind == wire.ERROR:
+        return request_id, remote_exc.unpack(value)
+    return request_id, value
 
 
 class NamePolicy(unittest.TestCase):

@@ -34,7 +34,8 @@ def read_call(sock):
     while True:
         frame = decoder.next_frame()
         if frame is not None:
-            return frame.request_id, wire.loads(frame.data, frame.buffers)
+            _, request_id, data, buffers, _ = frame
+            return request_id, wire.loads(data, buffers)
         data = sock.recv(65536)
         if not data:
             raise EOFError('the client closed before sending a call')

@@ -51,7 +51,7 @@ class SingleThreaded(HubCase):
         stalled.sendall(frame[len(frame) // 2:])
         decoder = wire.Decoder()
         decoder.feed(stalled.recv(65536))
-        self.assertEqual(wire.loads(decoder.next_frame().data), 'never finished')
+        self.assertEqual(wire.load_frame(decoder.next_frame()), 'never finished')
 
     def test_no_thread_serves_anything(self):
         before = set(threading.enumerate())

@@ -25,13 +25,13 @@ def mark_unpickled():
 
 
 def replies_by_id(sock, count):
-    """The next ``count`` frames the server sends on ``sock``, by request id (in THRD_FUNC, replies may leave in any order)."""
+    """The next ``count`` frames the server sends on ``sock``, their fields named, by request id (in THRD_FUNC, replies may leave in any order)."""
     decoder = wire.Decoder()
     frames = []
     while len(frames) < count:
         decoder.feed(sock.recv(65536))
         while (frame := decoder.next_frame()) is not None:
-            frames.append(frame)
+            frames.append(wire.Frame._make(frame))
     return {frame.request_id: frame for frame in frames}
 
 

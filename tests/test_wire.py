@@ -18,7 +18,8 @@ def frames_of(decoder):
 
 
 def decoded(frame):
-    return frame.kind, frame.request_id, wire.loads(frame.data, frame.buffers)
+    kind, request_id, data, buffers, _ = frame
+    return kind, request_id, wire.loads(data, buffers)
 
 
 MESSAGES = [
@@ -65,7 +66,7 @@ class FrameLayout(unittest.TestCase):
                 decoder = wire.Decoder()
                 for i in range(0, len(data), chunk):
                     decoder.feed(data[i:i + chunk])
-                frame = decoder.next_frame()
+                frame = wire.Frame._make(decoder.next_frame())
                 self.assertIs(frame.references, references)
                 self.assertEqual(decoded(frame)[2], value.data if value is big else value)
 
@@ -73,7 +74,7 @@ class FrameLayout(unittest.TestCase):
         for references in (False, True):
             with self.subTest(references=references):
                 data = wire.encode(wire.REPLY, 9, 'one', references=references)
-                frame = wire.Decoder().receive(lambda buffer: _fill(buffer, data))
+                frame = wire.Frame._make(wire.Decoder().receive(lambda buffer: _fill(buffer, data)))
                 self.assertIs(frame.references, references)
 
     def test_small_message_is_one_segment(self):
@@ -128,8 +129,7 @@ class OutOfBand(unittest.TestCase):
         data, buffers = wire.dumps(wire.out_of_band(value))
         decoder = wire.Decoder()
         decoder.feed(b''.join(bytes(s) for s in wire.frame_segments(wire.REPLY, 1, data, buffers)))
-        frame = decoder.next_frame()
-        return data, buffers, wire.loads(frame.data, frame.buffers)
+        return data, buffers, decoded(decoder.next_frame())[2]
 
     def test_large_bytes_and_bytearray_leave_the_pickle_and_come_back_as_themselves(self):
         for value in (bytes(range(256)) * 400, bytearray(b'z' * 100_000)):
@@ -209,7 +209,7 @@ class Decoding(unittest.TestCase):
         for i in range(100, len(stream), 7777):
             decoder.feed(stream[i:i + 7777])
         first, second = frames_of(decoder)
-        value = wire.loads(first.data, first.buffers)
+        value = decoded(first)[2]
         self.assertEqual(bytes(value[0]), bytes(payload))
         self.assertEqual(value[1], 'tail')
         self.assertEqual(decoded(second), (wire.REPLY, 10, 'next'))
@@ -227,8 +227,7 @@ class Decoding(unittest.TestCase):
             target[:n] = stream[position:position + n]
             position += n
             decoder.advance(n)
-        frame = decoder.next_frame()
-        self.assertEqual(bytes(wire.loads(frame.data, frame.buffers)), bytes(payload))
+        self.assertEqual(bytes(decoded(decoder.next_frame())[2]), bytes(payload))
 
 
 class Receiving(unittest.TestCase):
@@ -265,7 +264,7 @@ class Receiving(unittest.TestCase):
         decoder = wire.Decoder()
         recv = self.chunks(first, second)
         frame = decoder.receive(recv)
-        self.assertIsInstance(frame.data, (bytes, bytearray))
+        self.assertIsInstance(wire.Frame._make(frame).data, (bytes, bytearray))
         self.assertEqual(decoded(decoder.receive(recv)), (wire.REPLY, 2, 'second'))
         self.assertEqual(decoded(frame), (wire.REPLY, 1, 'first'))
 
@@ -275,7 +274,7 @@ class Receiving(unittest.TestCase):
             with self.subTest(size=len(wire.encode(wire.REPLY, 1, message))):
                 decoder = wire.Decoder()
                 decoder.feed(wire.encode(wire.REPLY, 1, message))
-                frame = decoder.next_frame()
+                frame = wire.Frame._make(decoder.next_frame())
                 self.assertIsInstance(frame.data, (bytes, bytearray))
 
     def test_frames_waiting_behind_the_first_are_copies_that_outlive_later_receives(self):
@@ -326,7 +325,7 @@ class LargeFrames(unittest.TestCase):
         tracemalloc.start()
         try:
             frame = self.decoded_frame(stream)
-            back = wire.loads(frame.data, frame.buffers)
+            back = decoded(frame)[2]
             del frame
             _, peak = tracemalloc.get_traced_memory()
         finally:
