@@ -190,6 +190,8 @@ class Connection:
                     break
         role = self._role
         me = get_ident()
+        # Taken only if nobody holds it: not even this thread, which may be
+        # reading already, and running a callback that calls here again.
         if not common or _READER in role or role.setdefault(_READER, me) != me:
             return self._call(name, method, args, kwargs, timeout)
         # The common call, every call's path while one thread at a time
@@ -481,12 +483,14 @@ class Connection:
         recv = self._recv_wait
         read_frame = self._read_frame
         handle = self.handle
-        registry = self.hub.registry
+        hub = self.hub
         # method name -> object name -> the registry entry they were found
-        # public in: good for as long as the name still maps to that entry.
-        # Keyed by the method first, as most servers have fewer methods than
-        # objects; and by two plain keys, not a tuple made on every call.
+        # public in: good for as long as the registry does not change
+        # (hub.generation).  Keyed by the method first, as most servers have
+        # fewer methods than objects; and by two plain keys, not a tuple made
+        # on every call.
         checked = {}
+        generation = hub.generation
         loads = self.loads
         send_frame = self._send_frame
         send_wait = self._send_wait
@@ -521,14 +525,16 @@ class Connection:
                     message = _pickle_loads(data)
             except Exception as exc:
                 message = dispatch.unpicklable(exc)
+            if hub.generation != generation:
+                checked.clear()
+                generation = hub.generation
             if type(message) is tuple:
                 try:
                     name, method_name, args, kwargs = message
                     entry = checked[method_name].get(name)
                 except (ValueError, KeyError, TypeError):
                     entry = None  # not four items, or unhashable: dispatch says why
-                if (entry is not None and registry.get(name) is entry
-                        and type(args) is tuple and type(kwargs) is dict):
+                if entry is not None and type(args) is tuple and type(kwargs) is dict:
                     method = getattr(entry[0], method_name, None)
                     if not callable(method):
                         method = None

@@ -114,6 +114,9 @@ class Hub:
         # tell at a glance whether what a call names is still what it was.
         # Only this class changes it.
         self.registry = self._objects
+        # How many times the registry has changed: what a connection found
+        # checked in it holds while this stays the same.
+        self.generation = 0
         self._names = {}
         self._lock = threading.Lock()
         self._servers = set()
@@ -160,6 +163,7 @@ class Hub:
                 del self._names[id(old[0])]
             self._objects[name] = (obj, expose)
             self._names[id(obj)] = name
+            self.generation += 1
 
     def removeObject(self, name: str) -> None:
         """Stop publishing ``name``; ``NoSuchObjectError`` if it is not published."""
@@ -170,6 +174,7 @@ class Hub:
                 raise NoSuchObjectError(f'no object named {name!r} is published') from None
             if self._names.get(id(obj)) == name:
                 del self._names[id(obj)]
+            self.generation += 1
 
     def published_name(self, obj: object) -> str | None:
         """The name ``obj`` is published under, or None."""
