@@ -11,9 +11,11 @@ The reading role.  At most one thread reads a connection at a time: the
 one whose ident ``_role`` holds.  A threaded server runs ``serve()`` in a
 thread of the connection's own, which sleeps in a blocking recv; in
 THRD_CONN that thread is the connection's *owner*, and every call the peer
-sends runs on it.  While it runs one it gives the role up, so that a thread
-that waits for a reply on the connection may read it instead; the calls
-that thread reads go to the owner's mailbox, which the owner empties before
+sends runs on it.  While it runs one it keeps the role but reads nothing,
+and a thread that waits for a reply on the connection may take the role
+over and read it instead (the owner learns of it from a flag when its call
+is done, and takes the role back once it is free); the calls that thread
+reads go to the owner's mailbox, which the owner empties before
 it reads again and whenever it waits for a reply itself (woken by a pipe of
 its own while it reads another connection).  So no reply waits for a
 method, and no call leaves its thread.  A client has no thread of its own:
@@ -106,7 +108,8 @@ class Connection:
     __slots__ = ('peer', '_on_close', 'hub', '_serial', '_stream', '_driver', '_threaded',
                  'write_fd', '_channel', '_channel_send', '_send_wait', '_decoder', 'next_frame',
                  '_send_lock', '_lock', '_cond', '_sleepers', '_calls', '_next_id', '_role', '_reader_thread',
-                 '_direct', '_serving', 'owner', '_mailbox', '_owner_waits_on', '_wake_fds',
+                 '_direct', '_serving', 'owner', '_owner_in_call', '_taken_over', '_mailbox',
+                 '_owner_waits_on', '_wake_fds',
                  '_owner_reads_elsewhere', '_refs', '_released', 'closed', '_users',
                  '_close_when_unused', '_error', '_recv_wait', '__weakref__')
 
@@ -153,6 +156,13 @@ class Connection:
         # holds the role but while it runs a call; calls that another thread
         # reads meanwhile wait in the mailbox for it.
         self.owner = None
+        # True while the owner runs a call, holding the role but reading
+        # nothing: a thread that waits for a reply here may take the role
+        # over (see read_until), and says so in _taken_over.  The owner looks
+        # at both flags, not the role, on every call's path: two attribute
+        # reads where a dictionary's methods cost several times as much.
+        self._owner_in_call = False
+        self._taken_over = False
         self._mailbox = deque()
         # The connection the owner sleeps on, waiting for a reply, if any.
         self._owner_waits_on = None
@@ -477,7 +487,6 @@ class Connection:
         A oneway call takes the same steps, but for the reply.  Anything else
         takes dispatch's path, which says why it fails.
         """
-        role = self._role
         mailbox = self._mailbox
         receive = self._decoder.receive
         recv = self._recv_wait
@@ -542,10 +551,11 @@ class Connection:
                 call = (message if type(message) is dispatch.Call
                         else self._prepare_checked(message, checked))
             message = None
-            # Given up while the call runs, so that a thread that waits for a
-            # reply here may read it meanwhile: _step_aside() spelt out, a
-            # Python frame (about 450 instructions) fewer on every call.
-            del role[_READER]
+            # While the call runs, a thread that waits for a reply here may
+            # take the role over and read it meanwhile.  Set before the
+            # sleepers are counted, as read_until counts itself before it
+            # looks at this flag: one of the two sees the other.
+            self._owner_in_call = True
             if self._sleepers:
                 self._wake()
             if method is None:
@@ -580,7 +590,11 @@ class Connection:
                     else:
                         self.reply(frame, dispatch.Outcome((name, method_name), True, value))
                         value = None
-            if role.setdefault(_READER, me) == me and not mailbox:
+            self._owner_in_call = False
+            # Cleared before the sleepers are counted, as above: a thread
+            # counted after this finds the flag cleared, and waits for the
+            # owner to read its reply.
+            if not self._sleepers and not self._taken_over and not mailbox:
                 continue
             self._take_back_reading()
 
@@ -613,6 +627,7 @@ class Connection:
             lock.acquire()
             self._sleepers += 1
             try:
+                self._taken_over = False
                 if not self._mailbox:
                     if self.closed:
                         raise _fresh(self._error)
@@ -831,12 +846,21 @@ class Connection:
                 reader = role.get(_READER)
                 if reader == me:
                     nested = True
+                    # The owner, reading inside its own call: nobody takes
+                    # the role over from under it until it is done.
+                    in_call, self._owner_in_call = self._owner_in_call, False
                     break
                 # A connection's reader thread, once it has one, does all
                 # the reading, and so does a server connection's owner,
-                # but for while they run a call (then the role is free).
+                # but for while they run a call (then the role is free, or
+                # may be taken over from the owner).
                 if (reader is None and (self._reader_thread is None or self.owner is not None)
                         and role.setdefault(_READER, me) == me):
+                    nested = False
+                    break
+                if reader is not None and reader == self.owner and self._owner_in_call:
+                    role[_READER] = me
+                    self._taken_over = True
                     nested = False
                     break
                 if owned is not None and owned._mailbox:
@@ -869,6 +893,11 @@ class Connection:
         finally:
             if not nested:
                 self._give_up_reading()
+            elif in_call:
+                with lock:
+                    self._owner_in_call = True
+                    if self._sleepers:
+                        self._cond.notify_all()
 
     def _run_posted(self):
         """The owner runs the calls that other threads read for it, in the order they came."""

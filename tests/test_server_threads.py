@@ -211,6 +211,15 @@ class Notifier:
             raise TimeoutError('never released')
         return threading.get_ident()
 
+    def ping_beside(self, count):
+        """Call the callback ``count`` times from this method and as many from another thread at once: both lists of answers."""
+        others = []
+        thread = threading.Thread(target=lambda: others.extend(self.callback.ping(i) for i in range(count)))
+        thread.start()
+        own = [self.callback.ping(i) for i in range(count)]
+        thread.join(TIMEOUT)
+        return own, others
+
 
 class Recorder:
     def ping(self, value):
@@ -285,6 +294,13 @@ class CallbacksBesideASlowMethod(HubCase):
         self.assertFalse(slow.done())
         notifier.release.set()
         slow.result(TIMEOUT)
+
+    def test_a_method_and_another_server_thread_calling_back_over_one_connection_at_once_both_get_their_answers(self):
+        p = self.serve(Notifier())
+        p.save(dopy.ref(Recorder()))
+        answers = [('pong', i) for i in range(200)]
+        self.assertEqual(p.ping_beside(200), (answers, answers))
+        self.assertEqual(p.ping_beside(1), (answers[:1], answers[:1]))
 
     def test_calls_read_by_another_thread_run_in_order_on_the_connections_thread(self):
         notifier, p, own_thread, slow = self.slow_method_running()
