@@ -275,7 +275,7 @@ class Connection:
             return self._await(waiter, request_id, deadline, timeout)
         # No thread read: this one has taken the role, and reads its own
         # reply: no lock, no waiter to register, no other thread to wake.
-        waiter = None
+        waiter = request_id = None
         try:
             request_id = self._send_call(wire.CALL, None, args, kwargs, deadline, name, method)
             if self._reader_thread is not None:
@@ -292,8 +292,10 @@ class Connection:
                         break
                     self.handle(frame)
         except CallTimeoutError:
-            if self.closed:
-                raise  # connecting timed out: the greeting never came (streams.EarlyStream)
+            if self.closed or request_id is None:
+                # Connecting timed out (the greeting never came:
+                # streams.EarlyStream), or the call was never sent.
+                raise
             raise self._timed_out(name, method, timeout) from None
         finally:
             self._give_up_reading()
@@ -362,7 +364,7 @@ class Connection:
             # Every small call's path: arguments that can refer to no object
             # are pickled with no wire state, and outside the send lock.
             data = wire.plain_frame(kind, request_id, (name, method, args, kwargs))
-            send_lock.acquire()
+            self._lock_to_send(deadline)
             try:
                 if waiter is not None:
                     self._register(request_id, waiter)
@@ -372,7 +374,7 @@ class Connection:
             return request_id
         if kwargs:
             kwargs = {k: wire.out_of_band(v) for k, v in kwargs.items()}
-        send_lock.acquire()
+        self._lock_to_send(deadline)
         try:
             # The RELEASE due goes ahead of the frame, and is taken before the
             # frame is pickled, under the send lock: one queued meanwhile must
@@ -385,6 +387,18 @@ class Connection:
         finally:
             send_lock.release()
         return request_id
+
+    def _lock_to_send(self, deadline):
+        """Take the send lock, waiting no later than ``deadline``: ``CallTimeoutError`` if another sender holds it past then, with nothing sent.
+
+        A sender with no deadline may hold the lock for as long as a peer
+        that reads nothing takes: a call with a timeout does not wait for it.
+        """
+        if deadline is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=max(deadline - _monotonic(), 0)):
+            raise CallTimeoutError(
+                f'waiting to send to {self.peer}: timed out behind another send, with nothing sent')
 
     def _pickle_call(self, kind, request_id, name, method, args, kwargs):
         try:

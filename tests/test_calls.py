@@ -481,6 +481,76 @@ class OnewayOrder(HubCase):
         self.assertEqual(log.seen, list(range(100)))
 
 
+class Holder:
+    """Holds its connection's thread in ``hold()`` until released, and hands out a reference to itself."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def me(self):
+        return dopy.ref(self)
+
+    def hold(self):
+        self.entered.set()
+        if not self.release.wait(2 * TIMEOUT):
+            raise TimeoutError('never released')
+        return 'held'
+
+    def size(self, blob):
+        return len(blob)
+
+    def echo(self, value):
+        return value
+
+
+class SendingBehindASlowSend(HubCase):
+    """A call with a timeout does not wait past it for a send without one on its connection."""
+
+    def test_a_call_with_a_timeout_behind_a_send_the_peer_does_not_read_times_out_with_nothing_sent(self):
+        holder = Holder()
+        p = self.serve(holder, timeout=1.0)
+        # A proxy over p's connection, with the hub's call timeout: none.
+        unbounded = p.me()
+        held = p.hold.future()
+        self.assertTrue(holder.entered.wait(TIMEOUT))
+        self.addCleanup(holder.release.set)
+        # The server's thread for this connection runs hold() and reads
+        # nothing: a large argument fills the socket's buffers, and its
+        # sender waits, holding the connection's send lock.
+        sizes = []
+        big = threading.Thread(target=lambda: sizes.append(unbounded.size(bytes(64 << 20))))
+        big.start()
+        send_lock = p._dopy_link.connection._send_lock
+
+        def held_by_another():
+            if send_lock.acquire(blocking=False):
+                send_lock.release()
+                return False
+            return True
+        eventually(held_by_another, 'the large send under way')
+        outcome = []
+
+        def behind():
+            start = time.monotonic()
+            try:
+                p.echo('behind')
+            except dopy.CallTimeoutError as exc:
+                outcome.append((exc, time.monotonic() - start))
+        caller = threading.Thread(target=behind)
+        caller.start()
+        caller.join(TIMEOUT)
+        holder.release.set()
+        caller.join(TIMEOUT)
+        self.assertEqual(len(outcome), 1, 'no CallTimeoutError')
+        error, waited = outcome[0]
+        self.assertLess(waited, TIMEOUT)
+        self.assertIn('nothing sent', str(error))
+        self.assertEqual(held.result(TIMEOUT), 'held')
+        big.join(TIMEOUT)
+        self.assertEqual(sizes, [64 << 20])
+
+
 @each_mode(transports=('tcp', 'pipe'))
 class Timeouts(HubCase):
     def test_timeout_raises_and_the_next_call_gets_its_own_reply(self):
