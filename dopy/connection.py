@@ -240,7 +240,7 @@ class Connection:
                     raise self._receive_failed(exc)
             kind, answers, data, buffers, references = frame
             if answers != request_id or kind != _REPLY or references or buffers:
-                value, error = self._answer_of(request_id, frame, name, method)
+                value, error = self._answer_of(request_id, frame, name, method, None)
             else:
                 try:
                     return _pickle_loads(data)
@@ -257,11 +257,11 @@ class Connection:
             raise error
         return value
 
-    def _answer_of(self, request_id, frame, name, method):
-        """The ``(value, exception)`` of the call ``request_id``, reading from ``frame`` on: the frames before its answer are handled as they come."""
+    def _answer_of(self, request_id, frame, name, method, deadline):
+        """The ``(value, exception)`` of the call ``request_id``, reading from ``frame`` on until ``deadline``: the frames before its answer are handled as they come."""
         while frame[1] != request_id or frame[0] not in _ANSWERS:
             self.handle(frame)
-            frame = self._read_frame(None)
+            frame = self._read_frame(deadline)
         return self._unpack(frame, name, method)
 
     def _call(self, name, method, args, kwargs, timeout):
@@ -285,12 +285,7 @@ class Connection:
                 waiter = Waiter(name, method)
                 self._register(request_id, waiter)
             else:
-                while True:
-                    frame = self._read_frame(deadline)
-                    if frame[1] == request_id and frame[0] in _ANSWERS:
-                        value, error = self._unpack(frame, name, method)
-                        break
-                    self.handle(frame)
+                value, error = self._answer_of(request_id, self._read_frame(deadline), name, method, deadline)
         except CallTimeoutError:
             if self.closed or request_id is None:
                 # Connecting timed out (the greeting never came:
